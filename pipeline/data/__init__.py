@@ -1,0 +1,1 @@
+"""Data: shard writing, the streaming reader with exact resume, transforms, precomputed conditioning."""

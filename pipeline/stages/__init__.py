@@ -1,0 +1,1 @@
+"""Training stages: one small class per stage kind, implementing the Stage protocol (see base.py)."""

@@ -1,0 +1,109 @@
+"""The Stage protocol: everything the one Trainer needs to know about a kind of model.
+
+A stage owns its networks, losses and data needs; the Trainer owns the loop, the DeepSpeed engines,
+checkpoints, EMA, logging and fault handling. There are no stage-specific branches in the Trainer.
+
+Lifecycle (per process)::
+
+    stage = StageClass(cfg, ctx)
+    spec = stage.sample_spec()                 # what the data reader must produce per sample/batch
+    trainable = stage.build_trainable()        # {"model": m} or {"generator": g, "discriminator": d}
+    frozen = stage.build_frozen()              # frozen helpers (T5, CLIP, autoencoder), may be {}
+    # Trainer: frozen -> eval(), requires_grad_(False), compute dtype, device; one engine per trainable part
+    for each optimizer step:
+        for each micro-batch:
+            for part in trainable (dict order):
+                out = stage.training_step(engines, frozen, batch, part)
+                engines[part].backward(out.loss); engines[part].step()
+    stage.evaluate(engines, frozen, eval_batches) -> sums/counts, reduced across ranks by the Trainer
+    stage.sample_images(engines, frozen) -> image grid for generative stages
+    stage.export(modules, out_dir)             # consolidated full weights (EMA applied) -> bundle component
+
+Multi-part stages (GAN) step their parts in order on the same micro-batch; a stage may keep tensors from one
+part's step for the next (e.g. detached reconstructions for the discriminator).
+"""
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import ClassVar, NamedTuple
+
+import torch
+from torch import nn
+
+from pipeline.config import Config
+from pipeline.data.spec import SampleSpec
+
+
+class StepOutput(NamedTuple):
+    """Result of one forward pass of one trainable part.
+
+    loss: scalar tensor to backpropagate (already divided by nothing: the engine handles accumulation).
+    metrics: scalar values to log, e.g. {"loss/contrastive": ..., "logit_scale": ...}; tensors are detached.
+    """
+
+    loss: torch.Tensor
+    metrics: dict[str, float | torch.Tensor]
+
+
+# Evaluation returns, per metric, (sum over samples, number of samples) so the Trainer can reduce exactly
+# across ranks and batches of unequal size: mean = total_sum / total_count.
+EvalSums = dict[str, tuple[float, float]]
+
+
+@dataclass(frozen=True)
+class StageContext:
+    """Where and how a stage runs. Passed in; stages never read environment variables or globals."""
+
+    rank: int
+    world_size: int
+    device: torch.device
+    compute_dtype: torch.dtype
+    run_dir: Path | None = None
+
+
+class Stage:
+    """Base class of every stage kind (inheritance stops here: concrete stages subclass this directly)."""
+
+    name: ClassVar[str]
+    model_config_cls: ClassVar[type]
+
+    def __init__(self, cfg: Config, ctx: StageContext) -> None:
+        self.cfg = cfg
+        self.ctx = ctx
+
+    def sample_spec(self) -> SampleSpec:
+        """What the data reader must produce: image size and normalisation, caption tokenization, arrays."""
+        raise NotImplementedError
+
+    def build_trainable(self) -> dict[str, nn.Module]:
+        """Freshly initialised trainable modules keyed by part name; one optimizer/engine per part."""
+        raise NotImplementedError
+
+    def build_frozen(self) -> dict[str, nn.Module]:
+        """Frozen helper modules (loaded from their checkpoints); the Trainer freezes and places them."""
+        return {}
+
+    def training_step(self, models: Mapping[str, nn.Module], frozen: Mapping[str, nn.Module],
+                      batch: dict, part: str) -> StepOutput:
+        """Forward pass of `part` on one micro-batch; returns the loss to backpropagate and metrics."""
+        raise NotImplementedError
+
+    def evaluate(self, models: Mapping[str, nn.Module], frozen: Mapping[str, nn.Module],
+                 batches: Iterable[dict]) -> EvalSums:
+        """Held-out metrics on this rank's share of the eval split, as (sum, count) per metric."""
+        return {}
+
+    def sample_images(self, models: Mapping[str, nn.Module], frozen: Mapping[str, nn.Module],
+                      seed: int) -> torch.Tensor | None:
+        """A few generated images (N, 3, H, W) in [0, 1] for the periodic sample grid; None if not generative."""
+        return None
+
+    def component_name(self) -> str:
+        """Folder name of this stage's component inside an export bundle (e.g. 'clip', 'unet_base')."""
+        return self.name
+
+    def export(self, modules: Mapping[str, nn.Module], out_dir: Path) -> None:
+        """Write the consolidated (full, unsharded, EMA-applied) `modules` as a bundle component in `out_dir`."""
+        raise NotImplementedError

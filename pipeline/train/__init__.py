@@ -1,0 +1,1 @@
+"""The one Trainer loop, the DeepSpeed backend, checkpointing, EMA, logging and metrics."""

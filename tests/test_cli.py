@@ -1,0 +1,55 @@
+"""The command-line contract: subcommands, --help, exit codes and one-line errors."""
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from pipeline.cli.main import main
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "pipeline", *args], capture_output=True, text=True, cwd=REPO,
+                          timeout=300)
+
+
+@pytest.mark.parametrize("command", ["shards", "train", "export", "sample", "demo"])
+def test_every_subcommand_has_help(command, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main([command, "--help"])
+    assert exit_info.value.code == 0
+    assert "usage: python -m pipeline " + command in capsys.readouterr().out
+
+
+def test_usage_error_exits_2(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train"])  # CONFIG and --run-dir missing
+    assert exit_info.value.code == 2
+
+
+def test_shards_synthetic_via_subprocess(tmp_path):
+    result = run_cli("shards", "synthetic", "--out", str(tmp_path), "--num-samples", "64", "--shard-size", "16",
+                     "--resolution", "16", "--seed", "1")
+    assert result.returncode == 0, result.stderr
+    assert "wrote 64 train samples in 4 shards" in result.stdout
+    assert len(list(tmp_path.glob("*.tar"))) == 4
+
+
+def test_config_error_is_one_line_and_exits_2(tmp_path, capsys):
+    config = tmp_path / "bad.yaml"
+    config.write_text("stage: nothing\n")
+    assert main(["train", str(config), "--run-dir", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and "unknown stage 'nothing'" in err
+    assert "Traceback" not in err
+
+
+def test_debug_flag_shows_the_exception(tmp_path):
+    from pipeline.errors import ConfigError
+
+    with pytest.raises(ConfigError):
+        main(["train", str(tmp_path / "missing.yaml"), "--run-dir", str(tmp_path), "--debug"])
