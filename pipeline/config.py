@@ -48,6 +48,10 @@ class DataConfig:
     min_image_size: int = doc(0, "Pixels; images whose short side is smaller are skipped (counted). 0 keeps all.")
     max_aspect_ratio: float = doc(0.0, "Long/short side ratio above which images are skipped (counted); 0 = off.")
     max_skip_fraction: float = doc(0.1, "Fraction (0-1) of skipped samples above which the run stops with an error.")
+    skip_check_min_samples: int = doc(200, "Samples a loader must have seen (per worker stream and in total) before "
+                                           "`max_skip_fraction` is enforced; a few early failures prove nothing.")
+    worker_timeout_s: float = doc(600.0, "Seconds the training process waits for a data worker's next batch before "
+                                         "failing with an error instead of hanging; 0 waits forever.")
 
     def __post_init__(self) -> None:
         check(self.resolution > 0, "data.resolution", f"must be a positive pixel count, got {self.resolution}")
@@ -55,6 +59,12 @@ class DataConfig:
         check(self.shuffle_buffer >= 0, "data.shuffle_buffer", f"must be >= 0, got {self.shuffle_buffer}")
         check(0.0 <= self.max_skip_fraction <= 1.0, "data.max_skip_fraction",
               f"must be between 0 and 1, got {self.max_skip_fraction}")
+        check(self.min_image_size >= 0, "data.min_image_size", f"must be >= 0 pixels, got {self.min_image_size}")
+        check(self.max_aspect_ratio == 0 or self.max_aspect_ratio >= 1, "data.max_aspect_ratio",
+              f"must be 0 (off) or >= 1, got {self.max_aspect_ratio}")
+        check(self.skip_check_min_samples >= 0, "data.skip_check_min_samples",
+              f"must be >= 0, got {self.skip_check_min_samples}")
+        check(self.worker_timeout_s >= 0, "data.worker_timeout_s", f"must be >= 0 seconds, got {self.worker_timeout_s}")
         check(self.caption_key == "txt" or (self.caption_key.startswith("json:") and len(self.caption_key) > 5),
               "data.caption_key", f"must be 'txt' or 'json:FIELD', got {self.caption_key!r}")
 
@@ -147,11 +157,18 @@ class CkptConfig:
     keep_last: int = doc(3, "Complete checkpoints kept; older ones are deleted. 0 keeps all.")
     resume: str = doc("auto", "'auto' resumes from RUN_DIR/checkpoints/latest if present; 'never' refuses to "
                               "reuse a run dir that has checkpoints; or a path to a checkpoint directory.")
-    init_from: str = doc("", "Checkpoint or exported bundle whose weights initialise the model (not the optimizer).")
+    init_from: str = doc("", "Checkpoint (RUN_DIR or RUN_DIR/checkpoints/step_XXXXXXXX) whose consolidated weights "
+                             "(EMA when present) initialise the model; not the optimizer, step or data position.")
+    preempt_exit_code: int = doc(0, "Exit code after SIGTERM/SIGUSR1 made the run checkpoint at the next step and "
+                                    "stop. 0 reads as success to every launcher; e.g. 75 (EX_TEMPFAIL) lets a SLURM "
+                                    "batch script requeue itself (srun passes it on; torchrun reports any non-zero "
+                                    "code of a worker as 1).")
 
     def __post_init__(self) -> None:
         check(self.every_steps > 0, "ckpt.every_steps", f"must be > 0, got {self.every_steps}")
         check(self.keep_last >= 0, "ckpt.keep_last", f"must be >= 0, got {self.keep_last}")
+        check(0 <= self.preempt_exit_code <= 255, "ckpt.preempt_exit_code",
+              f"must be an exit code in 0..255, got {self.preempt_exit_code}")
 
 
 @dataclass(frozen=True)
@@ -201,9 +218,9 @@ def _apply_override(raw: dict, key: str, value: str, model_cls: type) -> None:
     if parts[0] == "stage":
         tp: Any = str
     elif parts[0] == "model":
-        tp = resolve_field_type(model_cls, parts[1:], "model", source="--set")
+        tp = resolve_field_type(model_cls, parts[1:], "model", source=f"--set {key}")
     else:
-        tp = resolve_field_type(Config, parts, "", source="--set")
+        tp = resolve_field_type(Config, parts, "", source=f"--set {key}")
     node = raw
     for part in parts[:-1]:
         child = node.get(part)

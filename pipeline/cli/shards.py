@@ -25,6 +25,16 @@ def add_parser(sub: argparse._SubParsersAction, common: argparse.ArgumentParser)
     syn.add_argument("--format", choices=("jpg", "png"), default="jpg", dest="image_format",
                      help="image encoding (default jpg)")
     syn.set_defaults(handler=_run_synthetic)
+    folder = kinds.add_parser(
+        "from-folder", parents=[common], help="pack an img2dataset-style folder (KEY.jpg + KEY.txt [+ KEY.json])",
+        description="Pack image + caption files (KEY.jpg|jpeg|png|webp, KEY.txt, optional KEY.json; nested folders "
+                    "allowed) into tar shards. Unusable files are skipped and counted by reason.")
+    folder.add_argument("src", metavar="SRC", help="folder to read (searched recursively)")
+    folder.add_argument("--out", required=True, help="output directory for the shards and shards.json")
+    folder.add_argument("--shard-size", type=int, default=1000, help="maximum samples per shard (default 1000)")
+    folder.add_argument("--max-shard-bytes", type=int, default=0,
+                        help="maximum payload bytes per shard; 0 = no limit (default 0)")
+    folder.set_defaults(handler=_run_from_folder)
 
 
 def _run_synthetic(args: argparse.Namespace) -> int:
@@ -37,4 +47,18 @@ def _run_synthetic(args: argparse.Namespace) -> int:
     index = write_synthetic_shards(args.out, args.num_samples, args.shard_size, args.resolution, args.seed,
                                    args.split, args.image_format)
     print(f"wrote {index['num_samples']} {args.split} samples in {index['num_shards']} shards to {args.out}")
+    return 0
+
+
+def _run_from_folder(args: argparse.Namespace) -> int:
+    from pipeline.data.from_folder import pack_folder
+
+    index = pack_folder(args.src, args.out, args.shard_size, args.max_shard_bytes)
+    print(f"wrote {index['num_samples']} samples in {index['num_shards']} shards to {args.out}")
+    skipped = index.get("skipped", {})
+    if skipped:
+        total = sum(skipped.values())
+        print(f"skipped {total} files/samples: " + ", ".join(f"{r}={n}" for r, n in skipped.items()))
+    else:
+        print("skipped nothing")
     return 0

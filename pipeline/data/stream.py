@@ -1,0 +1,209 @@
+"""One worker's sample stream: unit reads in plan order, a shuffle buffer, decoding, and batches.
+
+Exact resume. A stream's whole state at a batch boundary is small and plain:
+
+    k         how many unit reads it started (its current unit is ``plan.unit(stream, k)``)
+    offset    in-shard index just after the last sample taken from the current unit
+    buffer    the shuffle buffer as [[k, index], ...] references, in buffer order
+    draws     how many samples were drawn from the buffer (the draw RNG is a hash of this counter)
+    skips     the stream's SkipCounter state
+
+Every random decision is a hash of (seed, stream, counter) - shard order per epoch, resampling, buffer draws,
+crop offsets - so no RNG object has to be saved. Restoring re-reads the buffered samples from their shards by
+(k, index) and seeks the current unit to `offset`; the following batches are then bit-identical to an
+uninterrupted run's.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+
+from pipeline.data.skips import SkipCounter
+from pipeline.data.sources import SALT_CROP, SALT_SHUFFLE, ShardPlan, mix
+from pipeline.data.spec import SampleSpec
+from pipeline.data.tar_reader import iter_shard
+from pipeline.data.transforms import ImageOptions, SkipSample, collate, decode_image, image_bytes, read_caption
+from pipeline.errors import DataError
+
+
+@dataclass(slots=True)
+class RawSample:
+    """Undecoded sample: which unit read (`k`) and in-shard `index` it came from, its key and member bytes."""
+
+    k: int
+    index: int
+    key: str
+    members: dict[str, bytes]
+
+
+def _ignore(reason: str, detail: str) -> None:
+    """Report sink while rebuilding a buffer: those problems were already counted before the checkpoint."""
+
+
+class SampleStream:
+    """The infinite raw-sample stream of stream `stream` of `plan`, shuffled through a buffer.
+
+    Args:
+        plan: the reading plan shared by all streams.
+        stream: this stream's number g (rank * workers + worker).
+        buffer_size: shuffle buffer capacity in samples; <= 1 means no shuffling.
+        skips: where shard-level problems are counted.
+        state: a snapshot() to continue from, or None to start at the beginning.
+    """
+
+    def __init__(self, plan: ShardPlan, stream: int, buffer_size: int, skips: SkipCounter,
+                 state: dict | None = None) -> None:
+        self.plan, self.stream, self.skips = plan, stream, skips
+        self.buffer_size = buffer_size if buffer_size > 1 else 0
+        self.k, self.offset, self.draws = 0, 0, 0
+        self.buffer: list[RawSample] = []
+        self._reader: Iterator[RawSample] | None = None
+        self._unit_gave = False  # whether the current unit produced a sample (for the all-shards-fail check)
+        self._empty_run = 0  # consecutive unit reads that produced nothing ...
+        self._empty_units: set[int] = set()  # ... and the distinct units among them
+        if state is not None:
+            self._restore(state)
+
+    def _read_unit(self, k: int, start: int, report, wanted: set[int] | None = None) -> Iterator[RawSample]:
+        unit = self.plan.unit(self.stream, k)
+        if wanted is not None:
+            keep = wanted.__contains__
+        elif unit.parts > 1:
+            def keep(i: int) -> bool:
+                return i % unit.parts == unit.part
+        else:
+            keep = None
+        for index, key, members in iter_shard(unit.url, report, start=start, keep=keep):
+            yield RawSample(k, index, key, members)
+
+    def _next_raw(self) -> RawSample:
+        while True:
+            if self._reader is None:
+                self._reader = self._read_unit(self.k, self.offset, self.skips.add)
+                self._unit_gave = self.offset > 0
+            raw = next(self._reader, None)
+            if raw is not None:
+                self.offset = raw.index + 1
+                self._unit_gave, self._empty_run = True, 0
+                self._empty_units.clear()
+                return raw
+            if not self._unit_gave:
+                self._count_empty_unit()
+            self.k, self.offset, self._reader = self.k + 1, 0, None
+
+    def _count_empty_unit(self) -> None:
+        """Fail when every unit came up empty in a row, or (a stream may never reach some units, and in
+        resampled mode a few bad shards in a row are normal) after far more empty reads than there are units."""
+        n = self.plan.num_units
+        self._empty_run += 1
+        self._empty_units.add(self.plan.unit(self.stream, self.k).index)
+        if len(self._empty_units) >= n or self._empty_run >= max(8 * n, 64):
+            self._fail_no_data()
+
+    def _fail_no_data(self) -> None:
+        shard_problems = {r: n for r, n in self.skips.counts.items() if r.endswith("_shard")}
+        first = next((note for r, note in self.skips.notes.items() if r in shard_problems), "")
+        detail = f" ({', '.join(f'{r}={n}' for r, n in sorted(shard_problems.items()))}; first: {first})" \
+            if shard_problems else ""
+        raise DataError(f"data stream {self.stream} got no sample from {self._empty_run} consecutive shard reads "
+                        f"({len(self._empty_units)} of {self.plan.num_units} distinct units, {len(self.plan.urls)} "
+                        f"shards){detail}: every shard failed or is empty, or there are fewer samples than "
+                        f"ranks x workers; check data.urls")
+
+    def next_sample(self) -> RawSample:
+        """The next raw sample: straight from the shards, or a seeded random pick from the full buffer."""
+        if not self.buffer_size:
+            return self._next_raw()
+        while len(self.buffer) < self.buffer_size:
+            self.buffer.append(self._next_raw())
+        pick = mix(self.plan.seed, SALT_SHUFFLE, self.stream, self.draws) % len(self.buffer)
+        self.draws += 1
+        chosen = self.buffer[pick]
+        self.buffer[pick] = self.buffer[-1]  # O(1) removal; the order stays a pure function of the draws
+        self.buffer.pop()
+        return chosen
+
+    def snapshot(self) -> dict:
+        """Plain-data state (ints, lists, dicts, str): enough to continue exactly from here."""
+        return {"k": self.k, "offset": self.offset, "draws": self.draws, "empty_run": self._empty_run,
+                "empty_units": sorted(self._empty_units),
+                "epoch": self.plan.unit(self.stream, self.k).epoch,
+                "buffer": [[r.k, r.index] for r in self.buffer], "skips": self.skips.state()}
+
+    def _restore(self, state: dict) -> None:
+        self.k, self.offset, self.draws = int(state["k"]), int(state["offset"]), int(state["draws"])
+        self._empty_run = int(state["empty_run"])
+        self._empty_units = {int(u) for u in state["empty_units"]}
+        self.skips.load(state["skips"])
+        refs = [(int(k), int(i)) for k, i in state["buffer"]]
+        wanted: dict[int, set[int]] = {}
+        for k, index in refs:
+            wanted.setdefault(k, set()).add(index)
+        found: dict[tuple[int, int], RawSample] = {}
+        for k, indices in sorted(wanted.items()):
+            remaining = len(indices)
+            for raw in self._read_unit(k, min(indices), _ignore, wanted=indices):
+                found[(k, raw.index)] = raw
+                remaining -= 1
+                if not remaining:
+                    break  # the rest of this shard is not needed (a pipe: command is stopped)
+        missing = [ref for ref in refs if ref not in found]
+        if missing:
+            k, index = missing[0]
+            raise DataError(f"cannot resume the data stream: sample {index} of shard "
+                            f"{self.plan.unit(self.stream, k).url} (in the saved shuffle buffer) can no longer be "
+                            f"read; the shards changed since the checkpoint ({len(missing)} samples missing)")
+        self.buffer = [found[ref] for ref in refs]
+
+
+class SampleDecoder:
+    """Raw sample -> (uint8 image (S, S, 3) or None, caption). Random crops are seeded by the sample's identity."""
+
+    def __init__(self, spec: SampleSpec, caption_key: str, random_crop: bool, min_image_size: int,
+                 max_aspect_ratio: float, seed: int, stream: int) -> None:
+        self.caption_key = caption_key
+        self.opts = (ImageOptions(spec.image_size, random_crop, min_image_size, max_aspect_ratio)
+                     if spec.image_size else None)
+        self.seed, self.stream = seed, stream
+
+    def __call__(self, raw: RawSample) -> tuple[np.ndarray | None, str]:
+        caption = read_caption(raw.members, self.caption_key)
+        if self.opts is None:
+            return None, caption
+        crop_seed = mix(self.seed, SALT_CROP, self.stream, raw.k, raw.index)
+        return decode_image(image_bytes(raw.members), self.opts, crop_seed), caption
+
+
+def next_batch(samples: Iterator[RawSample], decode: SampleDecoder, spec: SampleSpec, batch_size: int,
+               skips: SkipCounter, shared: bool = False) -> dict | None:
+    """Decode samples until `batch_size` are usable (skips counted and checked) and collate them.
+
+    shared: build the image tensor in shared memory (set inside DataLoader workers).
+
+    Returns the batch dict of spec.py, or None when `samples` ran out before any usable sample.
+    """
+    images, captions, keys = [], [], []
+    for raw in samples:
+        skips.seen += 1
+        try:
+            image, caption = decode(raw)
+        except SkipSample as skip:
+            skips.add(skip.reason, f"{raw.key}: {skip.detail}")
+            skips.check()
+            continue
+        images.append(image)
+        captions.append(caption)
+        keys.append(raw.key)
+        if len(keys) == batch_size:
+            break
+    if not keys:
+        return None
+    return collate(images, captions, keys, spec, shared)
+
+
+def stream_samples(stream: SampleStream) -> Iterator[RawSample]:
+    """The infinite sample iterator of a SampleStream."""
+    while True:
+        yield stream.next_sample()
