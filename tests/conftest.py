@@ -10,3 +10,7 @@ import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+# Test modules import open_clip/torchvision directly; the package import applies the CPU-torch compatibility
+# fix (pipeline.compat) first, as every entry point of the project does.
+import pipeline  # noqa: E402,F401

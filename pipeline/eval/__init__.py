@@ -1,0 +1,1 @@
+"""Evaluation metrics (retrieval recall, later: generation quality checks)."""

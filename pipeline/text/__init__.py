@@ -1,0 +1,1 @@
+"""Frozen text encoders: T5 encoder + tokenizer loading (real checkpoints by path; tiny random ones for tests)."""

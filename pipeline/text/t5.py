@@ -1,0 +1,114 @@
+"""Frozen T5 encoder and its tokenizer, loaded with transformers from a local directory or a hub name.
+
+Real runs point `path` at a T5 (v1.1 / flan) checkpoint directory or hub id such as ``google/t5-v1_1-xxl``;
+tests and the CPU demo use :func:`write_tiny_t5`, a tiny random encoder with a word-level Unigram vocabulary.
+
+Shapes: captions list[str] (B) -> input_ids int64 (B, L), attention_mask bool (B, L) (True = real token),
+embeddings (B, L, d_model) with padded positions zeroed.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from pipeline.config_schema import check, doc
+from pipeline.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class T5EncoderConfig:
+    """Which frozen T5 encoder conditions a stage."""
+
+    path: str = doc("", "Local directory (config.json, weights, tokenizer files) or hub id of a T5 encoder.")
+    max_length: int = doc(64, "Tokens per caption (truncated / padded to this length).")
+
+    def __post_init__(self) -> None:
+        check(self.max_length > 0, "max_length", f"must be > 0, got {self.max_length}")
+
+
+def _load_tokenizer(path: str):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"cannot load a T5 tokenizer from {path!r}: {str(exc).splitlines()[0]}") from None
+
+
+class T5Tokenize:
+    """Batched tokenizer for loader workers: list[str] -> {"t5_ids": (B, L) int64, "t5_mask": (B, L) bool}.
+
+    Holds only the path and loads the tokenizer lazily, so it pickles cheaply into worker processes.
+    """
+
+    def __init__(self, path: str, max_length: int) -> None:
+        self.path, self.max_length = path, max_length
+        self._tokenizer = None
+
+    def __getstate__(self) -> dict:
+        return {"path": self.path, "max_length": self.max_length, "_tokenizer": None}
+
+    def __call__(self, captions: list[str]) -> dict[str, torch.Tensor]:
+        if self._tokenizer is None:
+            self._tokenizer = _load_tokenizer(self.path)
+        out = self._tokenizer(list(captions), max_length=self.max_length, padding="max_length", truncation=True,
+                              return_tensors="pt")
+        return {"t5_ids": out["input_ids"].long(), "t5_mask": out["attention_mask"].bool()}
+
+
+class FrozenT5Encoder(nn.Module):
+    """A T5 encoder used as a frozen feature extractor (the Trainer freezes and casts it)."""
+
+    def __init__(self, cfg: T5EncoderConfig) -> None:
+        super().__init__()
+        from transformers import T5EncoderModel
+
+        if not cfg.path:
+            raise ConfigError("T5 encoder path is empty: set it to a T5 checkpoint directory or hub id")
+        try:
+            self.encoder = T5EncoderModel.from_pretrained(cfg.path)
+        except (OSError, ValueError) as exc:
+            raise ConfigError(f"cannot load a T5 encoder from {cfg.path!r}: {str(exc).splitlines()[0]}") from None
+        self.tokenize = T5Tokenize(cfg.path, cfg.max_length)
+        self.dim = int(self.encoder.config.d_model)
+
+    @torch.no_grad()
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """(B, L) ids and bool mask -> (B, L, d_model) embeddings, zero at padded positions."""
+        hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask.long()).last_hidden_state
+        return hidden * attention_mask[..., None].to(hidden.dtype)
+
+    def encode(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Captions -> (embeddings (B, L, D), mask (B, L) bool) on the encoder's device."""
+        tokens = self.tokenize(captions)
+        device = next(self.encoder.parameters()).device
+        mask = tokens["t5_mask"].to(device)
+        return self.forward(tokens["t5_ids"].to(device), mask), mask
+
+
+def write_tiny_t5(out_dir: str | Path, words: Iterable[str], *, d_model: int = 32, layers: int = 2, heads: int = 2,
+                  seed: int = 0) -> Path:
+    """Write a tiny random T5 encoder + word-level T5 tokenizer that `FrozenT5Encoder` loads (tests, CPU demo).
+
+    The vocabulary holds T5's special tokens, one '▁word' piece per word and single characters as fallback,
+    so any caption tokenizes without unknown tokens for the given words.
+    """
+    from transformers import T5Config, T5EncoderModel, T5Tokenizer
+
+    out = Path(out_dir)
+    pieces = sorted({w.lower() for w in words})
+    chars = sorted({c for w in pieces for c in w} | set("abcdefghijklmnopqrstuvwxyz0123456789"))
+    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁", -2.0)]
+    vocab += [(f"▁{w}", -1.0) for w in pieces] + [(c, -5.0) for c in chars] + [(f"▁{c}", -6.0) for c in chars]
+    tokenizer = T5Tokenizer(vocab=vocab, extra_ids=0)
+    torch.manual_seed(seed)
+    config = T5Config(vocab_size=len(tokenizer), d_model=d_model, d_kv=d_model // heads, d_ff=2 * d_model,
+                      num_layers=layers, num_heads=heads, feed_forward_proj="gated-gelu", is_encoder_decoder=False)
+    model = T5EncoderModel(config).eval()
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
