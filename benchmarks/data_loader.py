@@ -1,5 +1,6 @@
-"""Throughput of the whole training reader: tar read + shuffle buffer + JPEG decode + crop/resize + normalise +
-open_clip BPE tokenization + batching, in images per second, for DataLoader worker counts 0, 1, 2.
+"""Throughput of the whole training reader: tar read + shuffle buffer + JPEG decode + crop/resize + uint8 batch
+(B, 3, S, S) + open_clip BPE tokenization + batching, in images per second, for DataLoader worker counts 0, 1, 2.
+Normalisation is not part of it: it runs on the training device (pipeline.data.spec.normalize_images).
 
     python benchmarks/data_loader.py                      # 256 px photo-like JPEGs, outputs at 64 and 256 px
     python benchmarks/data_loader.py --source-size 512 --samples 1000
@@ -21,6 +22,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import torch
 from PIL import Image
 
 from pipeline.config import DataConfig
@@ -97,7 +99,7 @@ def measure(urls: str, image_size: int, workers: int, batch_size: int, batches: 
         batch = next(it)
     elapsed = time.perf_counter() - start
     main1, kids1 = _cpu_seconds()
-    assert batch["image"].shape == (batch_size, 3, image_size, image_size)
+    assert batch["image"].shape == (batch_size, 3, image_size, image_size) and batch["image"].dtype == torch.uint8
     loader.close()
     images, cpu = batches * batch_size, (main1 - main0) + (kids1 - kids0)
     return images / elapsed, images / cpu, (main1 - main0) / cpu

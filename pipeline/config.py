@@ -38,6 +38,12 @@ class DataConfig:
     urls: ShardSpec = doc("", "Training shards: a directory (every *.tar in it), a brace pattern such as "
                           "'dir/shard-{000000..000009}.tar', a list of these, or 'pipe:CMD' whose stdout is a tar.")
     eval_urls: ShardSpec = doc("", "Held-out shards for evaluation, same forms as `urls`; empty disables evaluation.")
+    precomputed_urls: ShardSpec = doc("", "Precomputed-conditioning shards aligned with `urls` (the --out directory of "
+                                      "`python -m pipeline shards precompute`; several directories for several "
+                                      "runs), same forms as `urls` but local files only. Read only when the stage "
+                                      "asks for precomputed arrays; empty = none.")
+    eval_precomputed_urls: ShardSpec = doc("", "Precomputed-conditioning shards aligned with `eval_urls`, same rules "
+                                           "as `precomputed_urls`.")
     resolution: int = doc(64, "Side length in pixels that images are resized and cropped to.")
     crop: Literal["random", "center"] = doc("random", "Crop after the short side is resized to `resolution`.")
     caption_key: str = doc("txt", "Caption source: 'txt' reads KEY.txt; 'json:FIELD' reads FIELD of KEY.json.")

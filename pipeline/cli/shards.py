@@ -1,4 +1,5 @@
-"""``python -m pipeline shards ...``: build WebDataset tar shards."""
+"""``python -m pipeline shards ...``: build WebDataset tar shards, and precompute frozen-encoder arrays aligned
+with them (``shards precompute``, see pipeline/data/precompute.py)."""
 from __future__ import annotations
 
 import argparse
@@ -9,7 +10,7 @@ from pipeline.errors import UsageError
 def add_parser(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
     parser = sub.add_parser("shards", parents=[common], help="build WebDataset tar shards",
                             description="Build WebDataset tar shards (KEY.jpg/png + KEY.txt + KEY.json) "
-                                        "and a shards.json index.")
+                                        "and a shards.json index, or precompute frozen-encoder arrays for them.")
     kinds = parser.add_subparsers(dest="kind", metavar="KIND", required=True)
     syn = kinds.add_parser("synthetic", parents=[common], help="procedurally drawn, exactly captioned scenes",
                            description="Draw scenes of one or two coloured shapes with captions that say exactly "
@@ -35,6 +36,34 @@ def add_parser(sub: argparse._SubParsersAction, common: argparse.ArgumentParser)
     folder.add_argument("--max-shard-bytes", type=int, default=0,
                         help="maximum payload bytes per shard; 0 = no limit (default 0)")
     folder.set_defaults(handler=_run_from_folder)
+    _add_precompute(kinds, common)
+
+
+def _add_precompute(kinds: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
+    pre = kinds.add_parser(
+        "precompute", parents=[common], help="store frozen-encoder outputs per sample, aligned with source shards",
+        description="Run frozen encoders (T5, CLIP text/image) over every sample of the source shards and write "
+                    "one shard per source shard (same file name, same keys in the same order) holding "
+                    "KEY.<array>.npy members, plus shards.json. Point data.precomputed_urls at OUT.")
+    pre.add_argument("src", metavar="SRC", nargs="*",
+                     help="source shards, local: directories, brace patterns or files (as data.urls; several "
+                          "make a list); not needed with --finalize")
+    pre.add_argument("--out", required=True, help="output directory (shared by all parts)")
+    from pipeline.data.encoders import ENCODERS
+
+    pre.add_argument("--encoder", action="append", default=[], metavar="SPEC",
+                     help=f"NAME:ARG, repeatable; NAME one of {', '.join(sorted(ENCODERS))}. E.g. t5:PATH[:MAXLEN] "
+                          "-> t5_emb float16 (L, D) + t5_mask bool (L,); clip-text:CLIP_DIR -> clip_text_emb float32 "
+                          "(E,); clip-image:CLIP_DIR -> clip_image_emb float32 (E,) (CLIP_DIR: an exported open_clip "
+                          "folder)")
+    pre.add_argument("--batch-size", type=int, default=64, help="samples per encoder call (default 64)")
+    pre.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where encoders run (default cpu)")
+    pre.add_argument("--caption-key", default="txt", help="'txt' or 'json:FIELD', as data.caption_key")
+    pre.add_argument("--num-parts", type=int, default=1, help="split the source shards over P runs (default 1)")
+    pre.add_argument("--part", type=int, default=0, help="which part this run does, 0..P-1 (default 0)")
+    pre.add_argument("--finalize", action="store_true",
+                     help="only merge the finished parts' shards.part-I.json files in OUT into shards.json")
+    pre.set_defaults(handler=_run_precompute)
 
 
 def _run_synthetic(args: argparse.Namespace) -> int:
@@ -47,6 +76,37 @@ def _run_synthetic(args: argparse.Namespace) -> int:
     index = write_synthetic_shards(args.out, args.num_samples, args.shard_size, args.resolution, args.seed,
                                    args.split, args.image_format)
     print(f"wrote {index['num_samples']} {args.split} samples in {index['num_shards']} shards to {args.out}")
+    return 0
+
+
+def _run_precompute(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from pipeline.data.precompute import PrecomputeJob, finalize, run_precompute
+
+    if args.finalize:
+        index = finalize(Path(args.out))
+        print(f"wrote {args.out}/shards.json: {index['num_samples']} samples in {index['num_shards']} shards "
+              f"from {index['num_parts']} part(s)")
+        return 0
+    if not args.src or not args.encoder:
+        raise UsageError("precompute needs SRC and at least one --encoder NAME:ARG (or --finalize --out DIR)")
+    job = PrecomputeJob(tuple(args.src), Path(args.out), tuple(args.encoder), args.batch_size, args.device,
+                        args.num_parts, args.part, args.caption_key)
+    result = run_precompute(job)
+    part = f" (part {args.part} of {args.num_parts})" if args.num_parts > 1 else ""
+    print(f"precomputed {result.samples} samples in {result.written} shards{part} to {args.out}"
+          + (f"; {result.reused} shards were already done" if result.reused else ""))
+    if result.skipped:
+        print("samples without some arrays (KEY.skip): " + ", ".join(f"{r}={n}" for r, n in
+                                                                       sorted(result.skipped.items())))
+    if result.index is not None:
+        arrays = ", ".join(f"{n} {a['dtype']} {tuple(a['shape'])}" for n, a in result.index["arrays"].items())
+        print(f"wrote {args.out}/shards.json: {result.index['num_samples']} samples in "
+              f"{result.index['num_shards']} shards; arrays: {arrays}")
+    else:
+        print(f"waiting for part(s) {list(result.pending_parts)}; shards.json is written when the last one finishes "
+              f"(or run: python -m pipeline shards precompute --finalize --out {args.out})")
     return 0
 
 

@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 from pipeline.data.skips import SkipCounter
-from pipeline.data.stream import RawSample, SampleDecoder, next_batch
+from pipeline.data.stream import RawSample, SampleDecoder, ShardReader, next_batch
 from pipeline.data.spec import SampleSpec
 from pipeline.data.tar_reader import iter_shard
 from pipeline.errors import DataError
@@ -40,7 +40,8 @@ class EvalShare:
         return batch if batch % self.num_workers == self.worker else None
 
 
-def _owned_samples(urls: list[str], share: EvalShare, skips: SkipCounter) -> Iterator[tuple[int, RawSample]]:
+def _owned_samples(urls: list[str], share: EvalShare, skips: SkipCounter,
+                   read: ShardReader) -> Iterator[tuple[int, RawSample]]:
     """(batch number, raw sample) for this worker's samples, in order."""
     base, readable = 0, 0
     for url in urls:
@@ -52,7 +53,7 @@ def _owned_samples(urls: list[str], share: EvalShare, skips: SkipCounter) -> Ite
             count[0] = index + 1  # called for every sample header, so this ends as the shard's sample count
             return share.batch_of(base + index) is not None
 
-        for index, key, members in iter_shard(url, skips.add, keep=keep):
+        for index, key, members in read(url, skips.add, 0, keep):
             yield share.batch_of(base + index), RawSample(0, index, key, members)  # type: ignore[misc]
         readable += count[0] > 0
         base += count[0]
@@ -62,9 +63,10 @@ def _owned_samples(urls: list[str], share: EvalShare, skips: SkipCounter) -> Ite
 
 
 def eval_batches(urls: list[str], share: EvalShare, decode: SampleDecoder, spec: SampleSpec,
-                 skips: SkipCounter, shared: bool = False) -> Iterator[dict]:
-    """This worker's evaluation batches (dicts of spec.py), in batch order; `shared` as in next_batch."""
-    owned = _owned_samples(urls, share, skips)
+                 skips: SkipCounter, shared: bool = False, read: ShardReader = iter_shard) -> Iterator[dict]:
+    """This worker's evaluation batches (dicts of spec.py), in batch order; `shared` as in next_batch;
+    `read` reads one shard (iter_shard, or an AlignedReader zipping in precomputed arrays)."""
+    owned = _owned_samples(urls, share, skips, read)
     pending: tuple[int, RawSample] | None = next(owned, None)
     while pending is not None:
         number = pending[0]

@@ -9,6 +9,10 @@ workers (worker n % W gives batch n), so that is the state of the batches CONSUM
 have prefetched. On resume worker w of the new DataLoader plays logical stream (w + next) % W, restores that
 snapshot and continues; the next batches are bit-identical to an uninterrupted run's.
 
+Precomputed arrays (spec.precomputed): the builders validate, before any worker starts, that the precomputed
+shards of data.precomputed_urls / data.eval_precomputed_urls are aligned with the source shards (aligned.py);
+the workers then read each source shard zipped with its precomputed shard(s).
+
 Errors: a DataError inside a worker travels as an error record with the batches and is raised here with its
 own message; any other worker exception is re-raised by the DataLoader; a worker that stops producing fails after
 data.worker_timeout_s. Nothing waits forever.
@@ -25,11 +29,14 @@ from typing import Any
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from pipeline.config import DataConfig
+from pipeline.data.aligned import AlignedReader, align_precomputed
 from pipeline.data.eval_stream import EvalShare, eval_batches
 from pipeline.data.skips import SkipCounter, check_fraction, merge_counts
 from pipeline.data.sources import ShardPlan, expand_shard_specs
 from pipeline.data.spec import SampleSpec
-from pipeline.data.stream import SampleDecoder, SampleStream, next_batch, stream_samples
+from pipeline.data.stream import SampleDecoder, SampleStream, ShardReader, next_batch, stream_samples
+from pipeline.data.tar_reader import iter_shard
+from pipeline.data.transforms import RESERVED_KEYS
 from pipeline.errors import DataError
 
 logger = logging.getLogger(__name__)
@@ -47,10 +54,17 @@ class _Setup:
     rank: int
     streams: int  # streams (workers) per rank, >= 1
     plan: ShardPlan | None = None
+    aligned: AlignedReader | None = None  # zips in precomputed arrays when the spec requests some
+
+    @property
+    def read(self) -> ShardReader:
+        return self.aligned if self.aligned is not None else iter_shard
 
     def decoder(self, stream: int, random_crop: bool, seed: int) -> SampleDecoder:
         d = self.data
-        return SampleDecoder(self.spec, d.caption_key, random_crop, d.min_image_size, d.max_aspect_ratio, seed, stream)
+        arrays = self.aligned.arrays if self.aligned is not None else None
+        return SampleDecoder(self.spec, d.caption_key, random_crop, d.min_image_size, d.max_aspect_ratio, seed, stream,
+                             arrays)
 
     def skip_counter(self) -> SkipCounter:
         return SkipCounter(self.data.max_skip_fraction, self.data.skip_check_min_samples)
@@ -63,9 +77,10 @@ def _check_args(spec: SampleSpec, batch_size: int, rank: int, world_size: int) -
         raise DataError(f"rank {rank} is not valid for world_size {world_size}")
     if spec.image_size < 0:
         raise DataError(f"SampleSpec.image_size must be >= 0, got {spec.image_size}")
-    if spec.precomputed:
-        raise DataError(f"SampleSpec.precomputed {spec.precomputed} needs precomputed-conditioning shards, which "
-                        f"this reader does not read yet")
+    clash = set(spec.precomputed) & set(RESERVED_KEYS)
+    if clash or len(set(spec.precomputed)) != len(spec.precomputed):
+        raise DataError(f"SampleSpec.precomputed {spec.precomputed} must name distinct arrays other than "
+                        f"{', '.join(RESERVED_KEYS)}")
 
 
 class _SkipLog:
@@ -116,7 +131,7 @@ class _TrainStreams(IterableDataset):
         stream_id = s.rank * s.streams + logical
         skips = s.skip_counter()
         try:
-            stream = SampleStream(s.plan, stream_id, s.data.shuffle_buffer, skips, self.snapshots[logical])
+            stream = SampleStream(s.plan, stream_id, s.data.shuffle_buffer, skips, self.snapshots[logical], s.read)
             decode = s.decoder(stream_id, s.data.crop == "random", s.plan.seed)
             samples = stream_samples(stream)
             while True:
@@ -218,17 +233,20 @@ def build_train_loader(data: DataConfig, spec: SampleSpec, *, batch_size: int, s
                        world_size: int) -> TrainLoader:
     """The infinite training stream of `rank` (of `world_size`), with state_dict/load_state_dict/skip_counts.
 
-    Batches: dicts of spec.py (image float32 (B, 3, S, S), caption, key, tokenizer outputs). Shards are split
-    over world_size x max(1, data.num_workers) streams; shard order is shuffled per epoch from (seed, epoch).
+    Batches: dicts of spec.py (image uint8 (B, 3, S, S), caption, key, tokenizer outputs, precomputed arrays).
+    Shards are split over world_size x max(1, data.num_workers) streams; shard order is shuffled per epoch from
+    (seed, epoch).
 
     Raises:
-        DataError: data.urls is empty or a spec in it matches no file; invalid arguments.
+        DataError: data.urls is empty or a spec in it matches no file; invalid arguments; precomputed arrays
+            requested but data.precomputed_urls missing or not aligned with data.urls (same error on every rank).
     """
     _check_args(spec, batch_size, rank, world_size)
     urls = expand_shard_specs(data.urls, "data.urls")
+    aligned = align_precomputed(urls, data.precomputed_urls, spec.precomputed, "data.precomputed_urls", "data.urls")
     streams = max(1, data.num_workers)
     plan = ShardPlan(tuple(urls), world_size * streams, seed, data.shuffle_shards, data.resampled)
-    return TrainLoader(_Setup(data, spec, batch_size, rank, streams, plan), seed, world_size)
+    return TrainLoader(_Setup(data, spec, batch_size, rank, streams, plan, aligned), seed, world_size)
 
 
 class _EvalWorkers(IterableDataset):
@@ -243,7 +261,7 @@ class _EvalWorkers(IterableDataset):
         skips = s.skip_counter()
         try:
             decode = s.decoder(worker, False, 0)
-            for batch in eval_batches(self.urls, share, decode, s.spec, skips, shared=info is not None):
+            for batch in eval_batches(self.urls, share, decode, s.spec, skips, info is not None, s.read):
                 batch[STATE_KEY] = json.dumps({"worker": worker, "skips": skips.state()})
                 yield batch
             yield {STATE_KEY: json.dumps({"worker": worker, "skips": skips.state()})}  # final counts only
@@ -287,11 +305,14 @@ def build_eval_loader(data: DataConfig, spec: SampleSpec, *, batch_size: int, ma
     this rank's share, center crops, no shuffling; the last batch may be smaller (see eval_stream.py).
 
     Raises:
-        DataError: data.eval_urls is empty or a spec in it matches no file; invalid arguments.
+        DataError: data.eval_urls is empty or a spec in it matches no file; invalid arguments; precomputed arrays
+            requested but data.eval_precomputed_urls missing or not aligned with data.eval_urls.
     """
     _check_args(spec, batch_size, rank, world_size)
     if max_samples <= 0:
         raise DataError(f"max_samples must be > 0, got {max_samples}")
     urls = expand_shard_specs(data.eval_urls, "data.eval_urls")
-    setup = _Setup(data, spec, batch_size, rank, max(1, data.num_workers))
+    aligned = align_precomputed(urls, data.eval_precomputed_urls, spec.precomputed, "data.eval_precomputed_urls",
+                                "data.eval_urls")
+    setup = _Setup(data, spec, batch_size, rank, max(1, data.num_workers), aligned=aligned)
     return EvalLoader(setup, urls, world_size, max_samples)

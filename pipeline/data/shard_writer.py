@@ -25,6 +25,44 @@ class ShardInfo:
     num_bytes: int
 
 
+def add_members(tar: tarfile.TarFile, key: str, members: dict[str, bytes]) -> None:
+    """Append one sample as members ``KEY.EXT`` (sorted by EXT) with fixed metadata: same samples -> same bytes."""
+    for ext in sorted(members):
+        data = members[ext]
+        info = tarfile.TarInfo(f"{key}.{ext}")
+        info.size = len(data)
+        info.mtime = 0
+        info.mode = 0o644
+        tar.addfile(info, io.BytesIO(data))
+
+
+class TarShard:
+    """One tar shard with a given file name, written under ``NAME.tmp`` and renamed by close(), so a reader
+    never sees a partial shard under the final name. PAX format: long sample keys from other tools still fit.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        self._tmp = self.path.with_name(self.path.name + ".tmp")
+        self._tar = tarfile.open(self._tmp, "w", format=tarfile.PAX_FORMAT)
+        self.num_samples = 0
+
+    def write(self, key: str, members: dict[str, bytes]) -> None:
+        """Append one sample (key as in the source shard, e.g. ``dir/KEY``; no checks beyond tarfile's)."""
+        add_members(self._tar, key, members)
+        self.num_samples += 1
+
+    def close(self) -> ShardInfo:
+        self._tar.close()
+        self._tmp.replace(self.path)
+        return ShardInfo(self.path.name, self.num_samples, self.path.stat().st_size)
+
+    def abort(self) -> None:
+        """Drop the partial shard (nothing appears under the final name)."""
+        self._tar.close()
+        self._tmp.unlink(missing_ok=True)
+
+
 @dataclass
 class ShardWriter:
     """Write samples into ``OUT/{prefix}-000000.tar, ...``, rolling over by sample count or byte size.
@@ -67,13 +105,7 @@ class ShardWriter:
         if self._tar is None or full or too_big:
             self._roll()
         assert self._tar is not None
-        for ext in sorted(members):
-            data = members[ext]
-            info = tarfile.TarInfo(f"{key}.{ext}")
-            info.size = len(data)
-            info.mtime = 0  # fixed metadata: same samples -> byte-identical shards
-            info.mode = 0o644
-            self._tar.addfile(info, io.BytesIO(data))
+        add_members(self._tar, key, members)
         self._keys.add(key)
         self._count += 1
         self._bytes += size

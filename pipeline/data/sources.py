@@ -47,7 +47,7 @@ def mix(*values: int) -> int:
     return h
 
 
-def _local_path(url: str) -> str | None:
+def local_path(url: str) -> str | None:
     """The filesystem path of a local url, or None for pipes and remote urls (which cannot be checked early)."""
     if url.startswith("pipe:"):
         return None
@@ -58,14 +58,14 @@ def _local_path(url: str) -> str | None:
 
 def _expand_one(spec: str, key: str) -> list[str]:
     spec = spec.strip()
-    local = _local_path(spec)
+    local = local_path(spec)
     if local is not None and Path(local).is_dir():
         tars = sorted(str(p) for p in Path(local).iterdir() if p.name.endswith(".tar") and p.is_file())
         if not tars:
             raise DataError(f"{key}: directory {spec!r} contains no *.tar shards")
         return tars
     urls = expand_urls(spec)
-    if local is not None and not any(Path(_local_path(u) or u).is_file() for u in urls):
+    if local is not None and not any(Path(local_path(u) or u).is_file() for u in urls):
         what = f"{len(urls)} expanded names, e.g. {urls[0]!r}" if len(urls) > 1 else "no such file"
         raise DataError(f"{key}: shard spec {spec!r} matches no file ({what}); check the path")
     return urls

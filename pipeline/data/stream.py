@@ -15,17 +15,23 @@ uninterrupted run's.
 """
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
 
+from pipeline.data.aligned import ArrayInfo, pre_key, skip_note
+from pipeline.data.precomputed_index import read_npy
 from pipeline.data.skips import SkipCounter
 from pipeline.data.sources import SALT_CROP, SALT_SHUFFLE, ShardPlan, mix
 from pipeline.data.spec import SampleSpec
 from pipeline.data.tar_reader import iter_shard
 from pipeline.data.transforms import ImageOptions, SkipSample, collate, decode_image, image_bytes, read_caption
 from pipeline.errors import DataError
+
+# How a stream reads one shard: iter_shard, or an aligned.AlignedReader that zips in precomputed arrays.
+ShardReader = Callable[..., Iterator[tuple[int, str, dict[str, bytes]]]]
+Decoded = tuple[np.ndarray | None, str, dict[str, np.ndarray]]
 
 
 @dataclass(slots=True)
@@ -51,11 +57,12 @@ class SampleStream:
         buffer_size: shuffle buffer capacity in samples; <= 1 means no shuffling.
         skips: where shard-level problems are counted.
         state: a snapshot() to continue from, or None to start at the beginning.
+        read: how a shard is read (iter_shard's signature).
     """
 
     def __init__(self, plan: ShardPlan, stream: int, buffer_size: int, skips: SkipCounter,
-                 state: dict | None = None) -> None:
-        self.plan, self.stream, self.skips = plan, stream, skips
+                 state: dict | None = None, read: ShardReader = iter_shard) -> None:
+        self.plan, self.stream, self.skips, self.read = plan, stream, skips, read
         self.buffer_size = buffer_size if buffer_size > 1 else 0
         self.k, self.offset, self.draws = 0, 0, 0
         self.buffer: list[RawSample] = []
@@ -75,7 +82,7 @@ class SampleStream:
                 return i % unit.parts == unit.part
         else:
             keep = None
-        for index, key, members in iter_shard(unit.url, report, start=start, keep=keep):
+        for index, key, members in self.read(unit.url, report, start, keep):
             yield RawSample(k, index, key, members)
 
     def _next_raw(self) -> RawSample:
@@ -159,21 +166,44 @@ class SampleStream:
 
 
 class SampleDecoder:
-    """Raw sample -> (uint8 image (S, S, 3) or None, caption). Random crops are seeded by the sample's identity."""
+    """Raw sample -> (uint8 image (S, S, 3) or None, caption, {name: precomputed array}).
+
+    Random crops are seeded by the sample's identity. `arrays` gives the dtype and shape of every precomputed
+    array the spec requests (empty without precomputed shards).
+    """
 
     def __init__(self, spec: SampleSpec, caption_key: str, random_crop: bool, min_image_size: int,
-                 max_aspect_ratio: float, seed: int, stream: int) -> None:
+                 max_aspect_ratio: float, seed: int, stream: int, arrays: dict[str, ArrayInfo] | None = None) -> None:
         self.caption_key = caption_key
         self.opts = (ImageOptions(spec.image_size, random_crop, min_image_size, max_aspect_ratio)
                      if spec.image_size else None)
         self.seed, self.stream = seed, stream
+        self.arrays = arrays or {}
 
-    def __call__(self, raw: RawSample) -> tuple[np.ndarray | None, str]:
+    def __call__(self, raw: RawSample) -> Decoded:
         caption = read_caption(raw.members, self.caption_key)
-        if self.opts is None:
-            return None, caption
-        crop_seed = mix(self.seed, SALT_CROP, self.stream, raw.k, raw.index)
-        return decode_image(image_bytes(raw.members), self.opts, crop_seed), caption
+        image = None
+        if self.opts is not None:
+            crop_seed = mix(self.seed, SALT_CROP, self.stream, raw.k, raw.index)
+            image = decode_image(image_bytes(raw.members), self.opts, crop_seed)
+        # The reader's own checks come first, so a sample with e.g. a corrupt image is counted as such, as it
+        # would be without precomputed shards; only samples it accepts can lack arrays.
+        return image, caption, {name: self._array(raw, name, info) for name, info in self.arrays.items()}
+
+    @staticmethod
+    def _array(raw: RawSample, name: str, info: ArrayInfo) -> np.ndarray:
+        data = raw.members.get(pre_key(name))
+        if data is None:
+            raise SkipSample("precomputed_missing", f"{name}: {skip_note(raw.members)}")
+        try:
+            array = read_npy(data)
+        except (ValueError, OSError, EOFError) as exc:
+            raise DataError(f"sample {raw.key}: precomputed array {name!r} cannot be read ({exc}); the precomputed "
+                            f"shard is corrupt: re-run the precompute") from None
+        if str(array.dtype) != info.dtype or tuple(array.shape) != info.shape:
+            raise DataError(f"sample {raw.key}: precomputed array {name!r} is {array.dtype} {tuple(array.shape)}, "
+                            f"its shards.json says {info.dtype} {info.shape}; re-run the precompute")
+        return array
 
 
 def next_batch(samples: Iterator[RawSample], decode: SampleDecoder, spec: SampleSpec, batch_size: int,
@@ -185,10 +215,11 @@ def next_batch(samples: Iterator[RawSample], decode: SampleDecoder, spec: Sample
     Returns the batch dict of spec.py, or None when `samples` ran out before any usable sample.
     """
     images, captions, keys = [], [], []
+    arrays: dict[str, list[np.ndarray]] = {name: [] for name in spec.precomputed}
     for raw in samples:
         skips.seen += 1
         try:
-            image, caption = decode(raw)
+            image, caption, extra = decode(raw)
         except SkipSample as skip:
             skips.add(skip.reason, f"{raw.key}: {skip.detail}")
             skips.check()
@@ -196,11 +227,13 @@ def next_batch(samples: Iterator[RawSample], decode: SampleDecoder, spec: Sample
         images.append(image)
         captions.append(caption)
         keys.append(raw.key)
+        for name in arrays:
+            arrays[name].append(extra[name])
         if len(keys) == batch_size:
             break
     if not keys:
         return None
-    return collate(images, captions, keys, spec, shared)
+    return collate(images, captions, keys, spec, shared, arrays)
 
 
 def stream_samples(stream: SampleStream) -> Iterator[RawSample]:

@@ -2,7 +2,8 @@
 
 Speed matters (the loader must never starve GPUs): JPEGs are decoded at reduced scale with PIL ``draft()``
 (the DCT does most of the downscaling), the crop and the resize happen in one ``Image.resize(box=...)`` call,
-images stay uint8 until the whole batch is normalised in one vectorised op, and torchvision is not involved.
+images stay uint8 all the way to the device (normalised there, see spec.normalize_images), and torchvision is
+not involved.
 
 Every rejection raises :class:`SkipSample` with a reason name; the caller counts it and carries on.
 """
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import warnings
 from dataclasses import dataclass
 
@@ -21,6 +23,7 @@ from pipeline.data.spec import SampleSpec
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")  # preference order when a sample holds several
 RESERVED_KEYS = ("image", "caption", "key")
+_ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")
 
 
 class SkipSample(Exception):
@@ -124,55 +127,67 @@ def decode_image(data: bytes, opts: ImageOptions, crop_seed: int) -> np.ndarray:
     except SkipSample:
         raise
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError, EOFError) as exc:
-        raise SkipSample("corrupt_image", f"cannot decode image ({exc})") from None
+        # PIL names the BytesIO object with its memory address: drop it, so that notes are reproducible.
+        raise SkipSample("corrupt_image", f"cannot decode image ({_ADDRESS.sub('', str(exc))})") from None
 
 
-def normalise(images: list[np.ndarray], mean: tuple[float, ...], std: tuple[float, ...],
-              shared: bool = False) -> torch.Tensor:
-    """B uint8 arrays (S, S, 3) -> float32 tensor (B, 3, S, S) holding (x / 255 - mean) / std per channel.
+def _empty(shape: tuple[int, ...], dtype: torch.dtype, shared: bool) -> tuple[torch.Tensor, np.ndarray]:
+    """A tensor to fill (in shared memory when `shared`) and a numpy view of it."""
+    result = torch.empty(shape, dtype=dtype)
+    if shared:
+        result.share_memory_()
+    return result, result.numpy()
 
-    The arithmetic runs in numpy, not torch: on the CPU workers a per-image cast-transpose-copy plus a
-    multiply-add is several times faster than torch's permute/contiguous/float/div/sub chain (measured).
+
+def image_batch(images: list[np.ndarray], shared: bool = False) -> torch.Tensor:
+    """B uint8 arrays (S, S, 3) -> one uint8 tensor (B, 3, S, S) (channels first, not normalised).
+
     shared: allocate the result in shared memory, so that a DataLoader worker hands it to the training process
-    without copying it once more (a float32 batch at 256 px is 50 MB for B = 64). Otherwise numpy allocates:
-    it asks for transparent huge pages, which makes first-touch page faults ~3x cheaper than torch.empty's.
+    without copying it once more. uint8 rather than float32 because first-touching fresh shared memory costs
+    ~7 us per 4 KiB page on the development VM: a float32 batch at 256 px (50 MB for B = 64) cost as much as
+    decoding its JPEGs; normalisation happens on the device (spec.normalize_images).
     """
     size = images[0].shape[0]
-    std_arr = np.asarray(std, np.float32).reshape(3, 1, 1)
-    scale = (1.0 / (255.0 * std_arr)).astype(np.float32)
-    shift = (np.asarray(mean, np.float32).reshape(3, 1, 1) / std_arr).astype(np.float32)
-    shape = (len(images), 3, size, size)
-    if shared:
-        result = torch.empty(shape, dtype=torch.float32).share_memory_()
-        out = result.numpy()
-    else:
-        out = np.empty(shape, np.float32)
-        result = torch.from_numpy(out)
-    for i, image in enumerate(images):  # per image, while its planes are still in cache
-        plane = out[i]
-        plane[...] = image.transpose(2, 0, 1)  # uint8 HWC -> float32 CHW in one pass
-        plane *= scale
-        plane -= shift
+    result, out = _empty((len(images), 3, size, size), torch.uint8, shared)
+    for i, image in enumerate(images):
+        out[i] = image.transpose(2, 0, 1)  # HWC -> CHW, one strided copy per image
+    return result
+
+
+def stack_arrays(name: str, arrays: list[np.ndarray], shared: bool = False) -> torch.Tensor:
+    """B equal-shaped arrays -> tensor (B, *shape) in their own dtype (float16 stays float16, bool stays bool)."""
+    first = arrays[0]
+    dtype = torch.from_numpy(np.empty(0, first.dtype)).dtype
+    result, out = _empty((len(arrays), *first.shape), dtype, shared)
+    for i, array in enumerate(arrays):
+        if array.shape != first.shape or array.dtype != first.dtype:
+            raise ValueError(f"precomputed array {name!r}: sample {i} has {array.dtype} {array.shape}, "
+                             f"sample 0 has {first.dtype} {first.shape}")
+        out[i] = array
     return result
 
 
 def collate(images: list[np.ndarray], captions: list[str], keys: list[str], spec: SampleSpec,
-            shared: bool = False) -> dict:
+            shared: bool = False, arrays: dict[str, list[np.ndarray]] | None = None) -> dict:
     """Build the batch dict of spec.py.
 
     images: B arrays (S, S, 3) uint8 (ignored when spec.image_size == 0).
-    shared: put the image tensor in shared memory (in DataLoader workers; see normalise).
-    Returns {"image": float32 (B, 3, S, S) normalised, "caption", "key", **spec.tokenize(captions)}.
+    arrays: per name in spec.precomputed, B arrays of one shape and dtype.
+    shared: put the tensors in shared memory (in DataLoader workers; see image_batch).
+    Returns {"image": uint8 (B, 3, S, S), "caption", "key", **spec.tokenize(captions), name: (B, *shape)}.
     """
     batch: dict = {}
     if spec.image_size:
-        batch["image"] = normalise(images, spec.image_mean, spec.image_std, shared)
+        batch["image"] = image_batch(images, shared)
     batch["caption"] = captions
     batch["key"] = keys
+    for name in spec.precomputed:
+        batch[name] = stack_arrays(name, (arrays or {})[name], shared)
     if spec.tokenize is not None:
         tokens = spec.tokenize(captions)
-        clash = set(tokens) & set(RESERVED_KEYS)
+        clash = set(tokens) & (set(RESERVED_KEYS) | set(spec.precomputed))
         if clash:
-            raise ValueError(f"SampleSpec.tokenize returned reserved batch keys {sorted(clash)}")
+            raise ValueError(f"SampleSpec.tokenize returned batch keys {sorted(clash)} that are reserved or "
+                             f"SampleSpec.precomputed arrays")
         batch.update(tokens)
     return batch

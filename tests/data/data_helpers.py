@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import io
 import tarfile
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import numpy as np
@@ -79,3 +79,32 @@ def assert_same_batches(a: list[dict], b: list[dict]) -> None:
                 assert x[name].dtype == y[name].dtype and torch.equal(x[name], y[name]), name
             else:
                 assert x[name] == y[name], name
+
+
+def roundtrip(state: dict) -> dict:
+    """What a checkpoint does: torch.save, then torch.load with weights_only=True (plain types only)."""
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    buf.seek(0)
+    return torch.load(buf, weights_only=True)
+
+
+def check_resume(make: Callable, consumed: int, following: int) -> list[dict]:
+    """Reference run vs. consume -> state_dict -> checkpoint round trip -> fresh loader -> load_state_dict:
+    the `following` batches must be bitwise equal. `make()` builds a fresh training loader; returns the reference
+    batches."""
+    reference = make()
+    ref_batches = take(iter(reference), consumed + following)
+    reference.close()
+
+    first = make()
+    take(iter(first), consumed)
+    state = roundtrip(first.state_dict())
+    first.close()
+
+    resumed = make()
+    resumed.load_state_dict(state)
+    got = take(iter(resumed), following)
+    resumed.close()
+    assert_same_batches(got, ref_batches[consumed:])
+    return ref_batches

@@ -2,12 +2,9 @@
 bit-identical to an uninterrupted run's (workers 0 and 2, shuffle buffer on, across epoch boundaries, 2 ranks)."""
 from __future__ import annotations
 
-import io
-
 import pytest
-import torch
 
-from data_helpers import SPEC, assert_same_batches, data_config, take
+from data_helpers import SPEC, assert_same_batches, check_resume, data_config, roundtrip as _roundtrip, take
 from pipeline.data.loader import build_train_loader
 from pipeline.errors import DataError
 
@@ -17,30 +14,8 @@ def _loader(urls, *, seed=7, rank=0, world_size=1, batch_size=4, **cfg):
                               world_size=world_size)
 
 
-def _roundtrip(state: dict) -> dict:
-    """What a checkpoint does: torch.save, then torch.load with weights_only=True (plain types only)."""
-    buf = io.BytesIO()
-    torch.save(state, buf)
-    buf.seek(0)
-    return torch.load(buf, weights_only=True)
-
-
 def _check_resume(urls, consumed: int, following: int, **kw) -> list[dict]:
-    reference = _loader(urls, **kw)
-    ref_batches = take(iter(reference), consumed + following)
-    reference.close()
-
-    first = _loader(urls, **kw)
-    take(iter(first), consumed)
-    state = _roundtrip(first.state_dict())
-    first.close()
-
-    resumed = _loader(urls, **kw)
-    resumed.load_state_dict(state)
-    got = take(iter(resumed), following)
-    resumed.close()
-    assert_same_batches(got, ref_batches[consumed:])
-    return ref_batches
+    return check_resume(lambda: _loader(urls, **kw), consumed, following)
 
 
 @pytest.mark.parametrize("num_workers,consumed,following", [(0, 10, 6), (2, 9, 8)])

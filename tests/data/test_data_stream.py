@@ -11,7 +11,7 @@ from PIL import Image
 from data_helpers import ALL_RECT_KEYS, SPEC, TOKEN_LEN, data_config, good_sample, take, toy_tokenize, write_tar
 from pipeline.data.loader import STATE_KEY, build_eval_loader, build_train_loader
 from pipeline.data.sources import ShardPlan, expand_shard_specs, mix
-from pipeline.data.spec import SampleSpec
+from pipeline.data.spec import SampleSpec, normalize_batch, normalize_images
 from pipeline.data.synthetic import make_sample, write_synthetic_shards
 from pipeline.data.transforms import ImageOptions, decode_image
 
@@ -24,8 +24,8 @@ def _train(urls, *, batch_size=4, seed=0, rank=0, world_size=1, spec=SPEC, **cfg
 def test_batch_layout_matches_the_spec(rect_shards):
     batch = next(iter(_train(rect_shards, batch_size=5, shuffle_buffer=8)))
     assert set(batch) == {"image", "caption", "key", "text"}
-    assert batch["image"].shape == (5, 3, 12, 12) and batch["image"].dtype == torch.float32
-    assert batch["image"].is_contiguous() and -1.0 <= batch["image"].min() and batch["image"].max() <= 1.0
+    assert batch["image"].shape == (5, 3, 12, 12) and batch["image"].dtype == torch.uint8  # not normalised
+    assert batch["image"].is_contiguous() and batch["image"].max() > 100  # the JPEG colours are 0..255
     assert batch["text"].shape == (5, TOKEN_LEN) and batch["text"].dtype == torch.int64
     assert len(batch["caption"]) == len(batch["key"]) == 5
     assert all(c == f"caption {int(k[1:])}" for c, k in zip(batch["caption"], batch["key"]))
@@ -42,12 +42,58 @@ def test_center_crop_and_normalisation_are_exact(tmp_path):
     spec = SampleSpec(image_size=16, image_mean=(0.2, 0.4, 0.6), image_std=(0.5, 0.25, 2.0))
     data = data_config((), eval_urls=str(tmp_path))
     batch = next(iter(build_eval_loader(data, spec, batch_size=6, max_samples=6, rank=0, world_size=1)))
+    images = normalize_images(batch["image"], spec, torch.device("cpu"), torch.float32)
     for i, key in enumerate(batch["key"]):
         _, members = make_sample(int(key[5:]), 3, "train", 16, "png")
         pixels = torch.from_numpy(np.array(Image.open(io.BytesIO(members["png"])).convert("RGB")))
+        assert torch.equal(batch["image"][i], pixels.permute(2, 0, 1))  # eval batches are uint8 too
         expected = (pixels.permute(2, 0, 1).float() / 255 - torch.tensor([0.2, 0.4, 0.6]).view(3, 1, 1)) \
             / torch.tensor([0.5, 0.25, 2.0]).view(3, 1, 1)
-        assert torch.allclose(batch["image"][i], expected, atol=1e-6)
+        assert torch.allclose(images[i], expected, atol=1e-6)
+
+
+def _former_float_path(images: list[np.ndarray], mean, std) -> torch.Tensor:
+    """The reader's float32 normalisation before batches became uint8 (numpy cast, multiply, subtract)."""
+    std_arr = np.asarray(std, np.float32).reshape(3, 1, 1)
+    scale = (1.0 / (255.0 * std_arr)).astype(np.float32)
+    shift = (np.asarray(mean, np.float32).reshape(3, 1, 1) / std_arr).astype(np.float32)
+    out = np.empty((len(images), 3, *images[0].shape[:2]), np.float32)
+    for i, image in enumerate(images):
+        out[i] = image.transpose(2, 0, 1)
+        out[i] *= scale
+        out[i] -= shift
+    return torch.from_numpy(out)
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_normalize_images_of_loader_output_equals_the_former_float_batches(rect_shards, num_workers):
+    spec = SampleSpec(image_size=12, image_mean=(0.48145466, 0.4578275, 0.40821073),
+                      image_std=(0.26862954, 0.26130258, 0.27577711))  # open_clip's OpenAI constants
+    loader = _train(rect_shards, batch_size=5, spec=spec, num_workers=num_workers, shuffle_buffer=8)
+    for batch in take(iter(loader), 3):
+        images = batch["image"]
+        expected = _former_float_path([im.permute(1, 2, 0).numpy() for im in images], spec.image_mean,
+                                      spec.image_std)
+        got = normalize_images(images, spec, torch.device("cpu"), torch.float32)
+        assert got.dtype == torch.float32 and got.shape == images.shape
+        assert torch.allclose(got, expected, atol=1e-6, rtol=0)
+        reference64 = (images.double() / 255 - torch.tensor(spec.image_mean).double().view(1, 3, 1, 1)) \
+            / torch.tensor(spec.image_std).double().view(1, 3, 1, 1)
+        assert torch.allclose(got.double(), reference64, atol=1e-6, rtol=0)
+        half = normalize_images(images, spec, "cpu", torch.bfloat16)
+        assert half.dtype == torch.bfloat16 and torch.equal(half, got.to(torch.bfloat16))  # fp32 math, then cast
+        normed = normalize_batch(batch, spec, "cpu", torch.float32)
+        assert torch.equal(normed["image"], got) and normed["key"] == batch["key"]
+        assert batch["image"].dtype == torch.uint8  # the loader's batch is not modified
+    loader.close()
+
+
+def test_normalize_images_refuses_float_input():
+    spec = SampleSpec(image_size=4)
+    with pytest.raises(TypeError, match="uint8"):
+        normalize_images(torch.zeros(1, 3, 4, 4), spec, "cpu", torch.float32)
+    assert normalize_batch({"caption": ["x"], "key": ["k"]}, spec, "cpu", torch.float32) == \
+        {"caption": ["x"], "key": ["k"]}
 
 
 def test_crops_cover_the_long_side_and_vary_with_the_seed():
