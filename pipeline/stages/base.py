@@ -21,6 +21,16 @@ Lifecycle (per process)::
 
 Multi-part stages (GAN) step their parts in order on the same micro-batch; a stage may keep tensors from one
 part's step for the next (e.g. detached reconstructions for the discriminator).
+
+What `models` holds (Trainer contract): in ``training_step(models, ..., part)`` the active `part` is its DeepSpeed
+engine and every other part is its plain module with ``requires_grad`` switched off for the duration of the call,
+so a generator loss that runs through the discriminator neither accumulates discriminator gradients nor fires
+that engine's backward hooks. In ``evaluate`` and ``sample_images`` every part is its plain module (eval mode,
+no grad). Under ZeRO-3 the plain modules still gather their partitioned parameters in forward, which is
+collective: every rank must run the same forward passes (same number of eval batches and samples).
+Batches: the Trainer applies ``pipeline.data.spec.normalize_batch`` to every training and evaluation batch, so
+``batch["image"]`` arrives normalised, on ``ctx.device``, in ``ctx.compute_dtype``; every other entry is as the
+loader made it (CPU tensors, lists), and the stage moves what it needs to the device.
 """
 from __future__ import annotations
 

@@ -1,0 +1,133 @@
+"""Building what the Trainer drives: the stage, its frozen helpers, one engine per trainable part, EMA, loaders.
+
+Kept apart from the loop so the loop reads as the loop. Loaders are built through :class:`DataSources` so the
+real ``pipeline.data.loader`` builders are used by default and imported only when training starts.
+"""
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from pipeline.config import Config, DataConfig
+from pipeline.data.spec import BatchLoader, SampleSpec
+from pipeline.errors import CheckpointError, PipelineError
+from pipeline.stages.base import Stage, StageContext
+from pipeline.stages.registry import stage_class
+from pipeline.train.backend import Dist, Part, make_part
+from pipeline.train.ds_config import Precision, build_deepspeed_config
+from pipeline.train.ema import EMA
+
+log = logging.getLogger(__name__)
+
+TrainLoaderBuilder = Callable[..., BatchLoader]
+EvalLoaderBuilder = Callable[..., Iterable[dict]]
+
+
+@dataclass(frozen=True)
+class DataSources:
+    """The loader builders, with exactly the signatures of ``pipeline.data.loader``::
+
+        train(data: DataConfig, spec, *, batch_size, seed, rank, world_size) -> BatchLoader
+        eval(data: DataConfig, spec, *, batch_size, max_samples, rank, world_size) -> Iterable[dict]
+    """
+
+    train: TrainLoaderBuilder
+    eval: EvalLoaderBuilder
+
+
+def default_data_sources() -> DataSources:
+    from pipeline.data.loader import build_eval_loader, build_train_loader
+
+    return DataSources(train=build_train_loader, eval=build_eval_loader)
+
+
+def build_stage(cfg: Config, dist: Dist, precision: Precision, run_dir: Path | None) -> Stage:
+    ctx = StageContext(rank=dist.rank, world_size=dist.world_size, device=dist.device,
+                       compute_dtype=precision.dtype, run_dir=run_dir)
+    return stage_class(cfg.stage)(cfg, ctx)
+
+
+def freeze(frozen: Mapping[str, nn.Module], device: torch.device, dtype: torch.dtype) -> dict[str, nn.Module]:
+    """Frozen helpers: eval mode, no gradients, compute dtype, on device; never seen by an optimizer."""
+    out = {}
+    for name, module in frozen.items():
+        module.requires_grad_(False)
+        out[name] = module.to(device=device, dtype=dtype).eval()
+    return out
+
+
+def load_initial_weights(trainable: Mapping[str, nn.Module], source: str) -> None:
+    """ckpt.init_from: strict full-weight load of every part from a checkpoint (EMA weights when present)."""
+    from pipeline.export import consolidated_weights, resolve_checkpoint
+
+    path = Path(source)
+    if (path / "bundle.json").is_file():
+        raise PipelineError(f"ckpt.init_from={source}: initialising from an export bundle is not supported; point "
+                            "it at a checkpoint (RUN_DIR or RUN_DIR/checkpoints/step_XXXXXXXX)")
+    ckpt = resolve_checkpoint(path)
+    for name, module in trainable.items():
+        state = consolidated_weights(ckpt, name, use_ema=True)
+        load_strict(module, state, f"{ckpt} part {name!r}")
+    log.info("initialised weights from %s", ckpt)
+
+
+def load_strict(module: nn.Module, state: Mapping[str, torch.Tensor], source: str) -> None:
+    """load_state_dict(strict=True) with shape checks, as a CheckpointError naming the keys on mismatch."""
+    own = module.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    if missing or unexpected:
+        raise CheckpointError(f"{source}: weights do not match the model: missing {missing[:5]}"
+                              f"{'...' if len(missing) > 5 else ''}, unexpected {unexpected[:5]}"
+                              f"{'...' if len(unexpected) > 5 else ''}")
+    for key, tensor in state.items():
+        if tuple(tensor.shape) != tuple(own[key].shape):
+            raise CheckpointError(f"{source}: {key} has shape {tuple(tensor.shape)} in the checkpoint, "
+                                  f"{tuple(own[key].shape)} in the model")
+    module.load_state_dict({k: v.to(own[k].dtype) for k, v in state.items()}, strict=True)
+
+
+@dataclass
+class Built:
+    """Everything the loop needs, freshly built (before any checkpoint is loaded)."""
+
+    stage: Stage
+    spec: SampleSpec
+    parts: dict[str, Part]
+    frozen: dict[str, nn.Module]
+    emas: dict[str, EMA]
+
+
+def build_all(cfg: Config, dist: Dist, precision: Precision, run_dir: Path) -> Built:
+    """Stage, frozen helpers and engines; every rank builds identical initial weights (same seed)."""
+    stage = build_stage(cfg, dist, precision, run_dir)
+    spec = stage.sample_spec()
+    trainable = stage.build_trainable()
+    if not trainable:
+        raise PipelineError(f"stage {cfg.stage!r} declares no trainable parts")
+    if cfg.ckpt.init_from:
+        load_initial_weights(trainable, cfg.ckpt.init_from)
+    frozen = freeze(stage.build_frozen(), dist.device, precision.dtype)
+    ds_config = build_deepspeed_config(cfg, precision, dist.device)
+    parts = {name: make_part(name, module, cfg, ds_config) for name, module in trainable.items()}
+    emas = {name: EMA(part.module, cfg.train.ema_decay) for name, part in parts.items()} \
+        if cfg.train.ema_decay > 0 else {}
+    return Built(stage, spec, parts, frozen, emas)
+
+
+def build_train_loader(sources: DataSources, data: DataConfig, spec: SampleSpec, cfg: Config,
+                       dist: Dist) -> BatchLoader:
+    return sources.train(data, spec, batch_size=cfg.train.micro_batch_size, seed=cfg.train.seed,
+                         rank=dist.rank, world_size=dist.world_size)
+
+
+def identity(cfg: Config, dist: Dist, precision: Precision, built: Built) -> dict[str, Any]:
+    """What must not change between a checkpoint and the run that resumes from it."""
+    return {"world_size": dist.world_size, "zero_stage": cfg.dist.zero_stage, "precision": precision.name,
+            "parts": list(built.parts), "stage": cfg.stage, "ema": bool(built.emas)}
