@@ -101,7 +101,9 @@ class MetricsSinks:
         if log.progress_bar:
             from tqdm import tqdm
 
-            self.bar = tqdm(total=max_steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True)
+            # In a log file (not a terminal) every redraw is another line: redraw every 30 s there.
+            self.bar = tqdm(total=max_steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True,
+                            mininterval=0.1 if sys.stderr.isatty() else 30.0)
 
     def _open_tensorboard(self, last_step: int) -> None:
         if self.use_tb:
@@ -125,6 +127,9 @@ class MetricsSinks:
             loss = record.get("loss")
             self.bar.set_postfix(loss="nan" if loss is None else f"{loss:.4g}", lr=f"{record.get('lr', 0):.3g}",
                                  sps=f"{record.get('samples_per_sec', 0):.1f}", refresh=False)
+            evals = {k: v for k, v in record.items() if k.startswith("eval/") and isinstance(v, (int, float))}
+            if evals:  # evaluations are rare and what a user watches for: one line each, above the bar
+                self.bar.write(f"step {record['step']}: " + ", ".join(f"{k} {v:.4g}" for k, v in evals.items()))
 
     def advance(self, step: int) -> None:
         if self.bar is not None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -244,7 +245,8 @@ class Trainer:
         loader = self.sources.eval(cfg.data, self.spec, batch_size=cfg.eval.batch_size,
                                    max_samples=cfg.eval.max_samples, rank=self.dist.rank,
                                    world_size=self.dist.world_size)
-        batches = (normalize_batch(b, self.spec, self.dist.device, self.precision.dtype) for b in loader)
+        batches = (normalize_batch(b, self.spec, self.dist.device, self.precision.dtype)
+                   for b in self._lockstep(loader))
         models = self._plain_models(False)
         try:
             with rng.isolated(), torch.no_grad():
@@ -257,6 +259,21 @@ class Trainer:
                 acc = totals.setdefault(key, [0.0, 0.0])
                 acc[0], acc[1] = acc[0] + s, acc[1] + c
         return {f"eval/{k}": s / c for k, (s, c) in totals.items() if c > 0}
+
+    def _lockstep(self, batches: Iterable[dict]) -> Iterator[dict]:
+        """Yield batches only while every rank still has one.
+
+        Eval shares can differ by a batch between ranks (uneven sample counts, skipped bad samples), and under
+        ZeRO-3 every forward pass gathers parameters collectively: a rank with one more batch than its peers
+        would wait for them forever. One small all-reduce per batch keeps the ranks in step; the few samples a
+        rank holds beyond the shortest share are left out of that evaluation.
+        """
+        iterator = iter(batches)
+        while True:
+            batch = next(iterator, None)
+            if self.dist.all_reduce([1.0 if batch is None else 0.0], op="max")[0] > 0:
+                return
+            yield batch
 
     def _sample(self, step: int) -> None:
         """All ranks run the stage's sampler (ZeRO-3 gathers are collective); rank 0 saves the grid."""
