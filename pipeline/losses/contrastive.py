@@ -18,8 +18,29 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
-import torch.distributed.nn.functional as dist_fn
 import torch.nn.functional as F
+
+
+class _GatherWithGrad(torch.autograd.Function):
+    """All-gather whose backward sums every rank's gradient of the gathered tensor and keeps the local slice.
+
+    The backward is an all-reduce (supported by every backend, gloo included) rather than a reduce-scatter:
+    features are small (N x D), so the extra traffic does not matter and no deprecated helper is needed.
+    """
+
+    @staticmethod
+    def forward(ctx, features: torch.Tensor, rank: int, world_size: int) -> torch.Tensor:  # type: ignore[override]
+        ctx.rank, ctx.world_size = rank, world_size
+        parts = [torch.empty_like(features) for _ in range(world_size)]
+        dist.all_gather(parts, features.contiguous())
+        return torch.cat(parts, dim=0)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:  # type: ignore[override]
+        total = grad.contiguous().clone()
+        dist.all_reduce(total)
+        n = total.shape[0] // ctx.world_size
+        return total[ctx.rank * n:(ctx.rank + 1) * n], None, None
 
 
 def gather_features(features: torch.Tensor, *, rank: int, world_size: int, with_grad: bool) -> torch.Tensor:
@@ -27,7 +48,7 @@ def gather_features(features: torch.Tensor, *, rank: int, world_size: int, with_
     if world_size == 1:
         return features
     if with_grad:
-        return torch.cat(dist_fn.all_gather(features), dim=0)
+        return _GatherWithGrad.apply(features, rank, world_size)
     parts = [torch.empty_like(features) for _ in range(world_size)]
     dist.all_gather(parts, features.detach().contiguous())
     parts[rank] = features
