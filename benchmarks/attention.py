@@ -13,13 +13,13 @@ import argparse
 import datetime
 import os
 import sys
-import time
 from dataclasses import dataclass
 from typing import Callable, Optional
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
+from _timing import median_ms_timer  # noqa: E402  (sibling module of this script)
 
 
 @dataclass(frozen=True)
@@ -83,21 +83,6 @@ def _inputs(shape: Shape, device: str, dtype: torch.dtype) -> tuple:
     return q, k, v, grad_out, mask
 
 
-def _timer(smoke: bool) -> Callable[[Callable, list], float]:
-    """Median milliseconds of fn(); do_bench on CUDA, a few wall-clock runs in smoke mode."""
-    if smoke:
-        def wall(fn: Callable, grads: list) -> float:
-            times = []
-            for _ in range(3):
-                start = time.perf_counter()
-                fn()
-                times.append((time.perf_counter() - start) * 1e3)
-            return sorted(times)[1]
-        return wall
-    from triton.testing import do_bench
-    return lambda fn, grads: do_bench(fn, warmup=25, rep=100, grad_to_none=grads, return_mode="median")
-
-
 def _measure(fn: Callable, shape: Shape, device: str, dtype: torch.dtype, timer: Callable) -> tuple[str, str]:
     """(fwd TFLOP/s, fwd+bwd TFLOP/s) as table cells, or the reason it could not run."""
     q, k, v, grad_out, mask = _inputs(shape, device, dtype)
@@ -134,7 +119,7 @@ def main(argv: Optional[list[str]] = None) -> int:
           f"{datetime.date.today()}; {method}; cells: fwd / fwd+bwd")
     print("| shape | B x H x Lq x Lk x D | " + " | ".join(backends) + " |")
     print("|---|---|" + "---|" * len(backends))
-    timer = _timer(args.cpu_smoke)
+    timer = median_ms_timer(args.cpu_smoke)
     for shape in SMOKE_SHAPES if args.cpu_smoke else SHAPES:
         cells = [" / ".join(_measure(fn, shape, device, dtype, timer)) for fn in backends.values()]
         dims = f"{shape.batch}x{shape.heads}x{shape.lq}x{shape.lk}x{shape.head_dim}"

@@ -13,12 +13,12 @@ import argparse
 import datetime
 import os
 import sys
-import time
 from typing import Callable, Optional
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
+from _timing import median_ms_timer  # noqa: E402  (sibling module of this script)
 
 SHAPES = [(8, 320, 64, 64), (8, 640, 32, 32), (8, 1280, 16, 16), (4, 128, 256, 256), (16, 320, 32, 32)]
 SMOKE_SHAPES = [(2, 8, 12, 12)]
@@ -33,20 +33,6 @@ def _torch_chain(groups: int) -> Callable:
         y = F.group_norm(x, groups, w, b)
         return F.silu(y * (1 + scale[:, :, None, None]) + shift[:, :, None, None])
     return run
-
-
-def _timer(smoke: bool) -> Callable[[Callable, list], float]:
-    if smoke:
-        def wall(fn: Callable, grads: list) -> float:
-            times = []
-            for _ in range(3):
-                start = time.perf_counter()
-                fn()
-                times.append((time.perf_counter() - start) * 1e3)
-            return sorted(times)[1]
-        return wall
-    from triton.testing import do_bench
-    return lambda fn, grads: do_bench(fn, warmup=25, rep=100, grad_to_none=grads, return_mode="median")
 
 
 def _measure(fn: Callable, shape: tuple, device: str, dtype: torch.dtype, timer: Callable) -> tuple[float, float]:
@@ -87,7 +73,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     device, dtype = ("cpu", torch.float32) if args.cpu_smoke else ("cuda", torch.bfloat16)
     groups = 4 if args.cpu_smoke else GROUPS
     fused = lambda x, w, b, sc, sh: kernels.group_norm_silu(x, w, b, groups, scale=sc, shift=sh)  # noqa: E731
-    timer = _timer(args.cpu_smoke)
+    timer = median_ms_timer(args.cpu_smoke)
     dev_name = "CPU (Triton interpreter)" if args.cpu_smoke else torch.cuda.get_device_name()
     method = "median of 3 wall-clock runs" if args.cpu_smoke else "median of triton.testing.do_bench"
     print(f"# GroupNorm+scale/shift+SiLU GB/s, {dtype}, {dev_name}, torch {torch.__version__}, "
