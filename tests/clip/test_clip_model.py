@@ -131,3 +131,15 @@ def test_training_step_learns_on_a_fixed_batch():
     assert out.loss.item() < 0.05 * first
     sums = stage.evaluate({"model": model.eval()}, {}, [batch])
     assert sums["t2i_recall@1"] == (6.0, 6.0) and sums["i2t_recall@1"] == (6.0, 6.0)
+
+
+def test_activation_checkpointing_is_switched_on_by_the_train_config():
+    from dataclasses import replace
+
+    from pipeline.config import TrainConfig
+
+    cfg = Config(stage="clip", model=TINY, data=DataConfig(resolution=32),
+                 train=replace(TrainConfig(), activation_checkpointing=True))
+    model = ClipStage(cfg, CPU).build_trainable()["model"]
+    assert model.visual.transformer.grad_checkpointing and model.transformer.grad_checkpointing
+    assert not tiny_stage().build_trainable()["model"].transformer.grad_checkpointing

@@ -70,6 +70,19 @@ def test_clip_learns_heldout_retrieval_and_exports_for_open_clip(clip_shards, tm
         torch.testing.assert_close(theirs.encode_text(tokens), ours.encode_text(tokens), atol=1e-5, rtol=0)
 
 
+def test_siglip_and_activation_checkpointing_train_through_the_trainer(clip_shards, tmp_path):
+    raw = clip_config(clip_shards, train={"max_steps": 12, "micro_batch_size": 32, "log_every": 4,
+                                          "activation_checkpointing": True},
+                      eval={"every_steps": 0}, ckpt={"every_steps": 12})
+    raw["model"] = {**TINY_MODEL, "loss": "siglip", "init_logit_scale": 2.3}
+    run = tmp_path / "run"
+    assert train_inprocess(raw, run) == 0
+    records = read_metrics(run)
+    assert records[-1]["loss"] < records[0]["loss"]
+    assert "logit_bias" in records[-1] and records[-1]["logit_bias"] != -10.0  # the bias is learned
+    assert "logit_bias" in weights(run)["model"]
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("zero_stage", [2, 3])
 def test_clip_two_ranks_with_uneven_eval_shares(clip_shards, tmp_path, zero_stage):
