@@ -53,3 +53,10 @@ def test_debug_flag_shows_the_exception(tmp_path):
 
     with pytest.raises(ConfigError):
         main(["train", str(tmp_path / "missing.yaml"), "--run-dir", str(tmp_path), "--debug"])
+
+
+@pytest.mark.parametrize("config", sorted(str(p.relative_to(REPO)) for p in (REPO / "configs").rglob("*.yaml")))
+def test_unknown_override_on_every_shipped_config_exits_2_naming_the_key(config, tmp_path, capsys):
+    assert main(["train", str(REPO / config), "--run-dir", str(tmp_path), "--set", "nonexistent.key=1"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "nonexistent.key" in err and not (tmp_path / "checkpoints").exists()

@@ -26,13 +26,14 @@ def _quiet_deepspeed(rank: int) -> None:
 
 
 def _log_to_stderr(rank: int) -> None:
-    """Rank 0 shows this package's INFO lines (resume, rollback, data skips); other ranks warnings only."""
-    logger = logging.getLogger("pipeline")
-    if rank == 0 and not logger.handlers:
-        handler = logging.StreamHandler()
-        handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
-        logger.addHandler(handler)
-        logger.setLevel(logging.INFO)
+    """Rank 0 shows this package's INFO lines (resume, rollback, data skips); other ranks warnings only.
+
+    One handler, on the root logger, and only if nobody configured logging: a handler of our own next to the
+    root's (which libraries create implicitly through module-level ``logging.info`` calls) printed every line twice.
+    """
+    logging.getLogger("pipeline").setLevel(logging.INFO if rank == 0 else logging.WARNING)
+    if not logging.getLogger().handlers:
+        logging.basicConfig(format="%(levelname)s %(name)s: %(message)s")
 
 
 def run_training(cfg: Config, run_dir: Path, *, sources: DataSources | None = None) -> int:
