@@ -195,3 +195,29 @@ def test_stage_import_path_in_config(tmp_path):
         stage_class("no_such_module:Stage")
     with pytest.raises(ConfigError, match="has no class 'Nope'"):
         stage_class("trainer_toy_stage:Nope")
+
+
+class _PeerDist:
+    """A fake process group: a peer rank that runs out of eval batches after `peer_batches` (for _lockstep)."""
+
+    def __init__(self, peer_batches: int) -> None:
+        self.peer_batches, self.calls = peer_batches, 0
+
+    def all_reduce(self, values: list[float], op: str = "sum") -> list[float]:
+        assert op == "max"
+        peer_exhausted = 1.0 if self.calls >= self.peer_batches else 0.0
+        self.calls += 1
+        return [max(values[0], peer_exhausted)]
+
+
+def test_eval_lockstep_stops_every_rank_at_the_shortest_share():
+    from types import SimpleNamespace
+
+    from pipeline.train.trainer import Trainer
+
+    mine = [{"i": i} for i in range(3)]
+    shorter_peer = SimpleNamespace(dist=_PeerDist(peer_batches=2))
+    assert [b["i"] for b in Trainer._lockstep(shorter_peer, mine)] == [0, 1]  # no third, unmatched forward
+    longer_peer = SimpleNamespace(dist=_PeerDist(peer_batches=5))
+    assert [b["i"] for b in Trainer._lockstep(longer_peer, mine)] == [0, 1, 2]
+    assert longer_peer.dist.calls == 4  # the peer learns in one reduction that this rank has run out
