@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import io
 import json
-import tarfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -79,14 +78,14 @@ def train_clip(out: Path, train_dir: Path, heldout_dir: Path, size: DemoSize) ->
 
 def _heldout_single_objects(heldout_dir: Path, limit: int) -> list[tuple[Image.Image, SceneObject]]:
     """Held-out single-object scenes (image, object) read straight from the tar shards."""
+    from pipeline.data.tar_reader import iter_shard
+
+    def unreadable(reason: str, detail: str) -> None:
+        raise PipelineError(f"demo held-out shards: {reason}: {detail}")
+
     found: list[tuple[Image.Image, SceneObject]] = []
     for shard in sorted(heldout_dir.glob("*.tar")):
-        with tarfile.open(shard) as tar:
-            members: dict[str, dict[str, bytes]] = {}
-            for member in tar.getmembers():
-                key, _, ext = member.name.partition(".")
-                members.setdefault(key, {})[ext] = tar.extractfile(member).read()
-        for sample in members.values():
+        for _, _, sample in iter_shard(str(shard), unreadable):
             objects = json.loads(sample["json"])["objects"]
             if len(objects) == 1:
                 found.append((Image.open(io.BytesIO(sample["jpg"])).convert("RGB"), SceneObject(**objects[0])))

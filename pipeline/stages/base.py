@@ -27,7 +27,8 @@ engine and every other part is its plain module with ``requires_grad`` switched 
 so a generator loss that runs through the discriminator neither accumulates discriminator gradients nor fires
 that engine's backward hooks. In ``evaluate`` and ``sample_images`` every part is its plain module (eval mode,
 no grad). Under ZeRO-3 the plain modules still gather their partitioned parameters in forward, which is
-collective: every rank must run the same forward passes (same number of eval batches and samples).
+collective: every rank must run the same forward passes. The Trainer hands ``evaluate`` batches in lockstep
+(a batch only while every rank has one), so a stage just iterates what it is given.
 Batches: the Trainer applies ``pipeline.data.spec.normalize_batch`` to every training and evaluation batch, so
 ``batch["image"]`` arrives normalised, on ``ctx.device``, in ``ctx.compute_dtype``; every other entry is as the
 loader made it (CPU tensors, lists), and the stage moves what it needs to the device.

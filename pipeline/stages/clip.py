@@ -49,9 +49,9 @@ class ClipStage(Stage):
         return {"model": model}
 
     def _features(self, model: nn.Module, batch: dict) -> tuple[torch.Tensor, ...]:
-        image = batch["image"].to(self.ctx.device, self.ctx.compute_dtype, non_blocking=True)
+        # The Trainer already normalised the image onto the device in the compute dtype (base.py contract).
         text = batch["text"].to(self.ctx.device, non_blocking=True)
-        return model(image, text)  # (image_features, text_features, logit_scale.exp()[, logit_bias])
+        return model(batch["image"], text)  # (image_features, text_features, logit_scale.exp()[, logit_bias])
 
     def training_step(self, models: Mapping[str, nn.Module], frozen: Mapping[str, nn.Module],
                       batch: dict, part: str) -> StepOutput:

@@ -221,3 +221,15 @@ def test_eval_lockstep_stops_every_rank_at_the_shortest_share():
     longer_peer = SimpleNamespace(dist=_PeerDist(peer_batches=5))
     assert [b["i"] for b in Trainer._lockstep(longer_peer, mine)] == [0, 1, 2]
     assert longer_peer.dist.calls == 4  # the peer learns in one reduction that this rank has run out
+
+
+def test_progress_bar_prints_each_evaluation_once(tmp_path, capsys):
+    from pipeline.config import LogConfig
+    from pipeline.train.metrics import MetricsSinks
+
+    sinks = MetricsSinks(tmp_path, LogConfig(tensorboard=False, progress_bar=True), True, 0, 10)
+    sinks.write({"step": 1, "loss": 0.5, "lr": 1e-3, "samples_per_sec": 10.0})
+    sinks.write({"step": 2, "loss": 0.4, "lr": 1e-3, "samples_per_sec": 10.0, "eval/t2i_recall@1": 0.75})
+    sinks.close()
+    out = capsys.readouterr().out  # tqdm.write prints above the bar, on stdout
+    assert out.count("eval/t2i_recall@1 0.75") == 1 and "step 2:" in out and "step 1:" not in out
