@@ -7,6 +7,7 @@ multi-node GPUs (NCCL). torch.distributed is always initialised, by us, with an 
 from __future__ import annotations
 
 import datetime
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -123,11 +124,45 @@ def process_group(env: LaunchEnv, cfg: Config, device: torch.device) -> Iterator
     # DeepSpeed wraps the existing process group (it does not create a second one).
     deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, timeout=timeout, verbose=False)
     _subgroups_inherit_timeout(timeout)
+    completed = False
     try:
         yield Dist(env, device, backend, cfg.dist.timeout_s)
+        completed = True
     finally:
+        if backend == "gloo":
+            release_gloo_tensors(device, handshake=completed)
         if owned and tdist.is_initialized():
             tdist.destroy_process_group()
+
+
+GLOO_RELEASE_TIMEOUT_S = 5.0
+GLOO_GRACE_S = 0.05
+
+
+def release_gloo_tensors(device: torch.device, handshake: bool) -> None:
+    """Let gloo's worker threads drop their last tensor references before this process can start to exit.
+
+    Why: DeepSpeed keeps the process groups alive until the interpreter ends, and a gloo worker releases a finished
+    collective's tensor only after reporting it complete; if Python already dropped that tensor, the worker must
+    take the GIL, and during interpreter finalization that ends the thread inside a noexcept destructor: SIGABRT
+    "terminate called without an active exception" (pytorch#190489). So: after a completed run, one more collective
+    on a tensor we hold, waiting (without the GIL) until gloo has released it (`_use_count()` back to 1); on every
+    ending, a short GIL-free grace so a worker still freeing an earlier collective finishes too. No collective after
+    an error: a peer may be gone or inside another collective.
+    """
+    if not tdist.is_initialized():
+        return
+    if handshake:
+        held = torch.zeros(1, device=device)
+        try:
+            tdist.all_reduce(held)
+        except (RuntimeError, tdist.DistBackendError):
+            pass  # the run itself succeeded; a peer that already left cannot hand back anything here
+        use_count = getattr(held, "_use_count", None)  # private API: without it, the grace below still applies
+        deadline = time.monotonic() + GLOO_RELEASE_TIMEOUT_S
+        while use_count is not None and use_count() > 1 and time.monotonic() < deadline:
+            time.sleep(0.001)
+    time.sleep(GLOO_GRACE_S)
 
 
 def _subgroups_inherit_timeout(timeout: datetime.timedelta) -> None:
