@@ -140,6 +140,11 @@ def build_clip(cfg: ClipConfig) -> nn.Module:
     return model
 
 
+def is_pretrained_tag(cfg: ClipConfig) -> bool:
+    """Whether model.pretrained names an open_clip pretrained tag of model.arch (hub weights), not a local path."""
+    return cfg.arch != "custom" and cfg.pretrained in open_clip.list_pretrained_tags_by_model(cfg.arch)
+
+
 def _load_pretrained(model: nn.Module, cfg: ClipConfig) -> None:
     source = Path(cfg.pretrained)
     if source.is_dir():
@@ -154,7 +159,7 @@ def _load_pretrained(model: nn.Module, cfg: ClipConfig) -> None:
             raise ConfigError(f"model.pretrained: {source} does not fit arch {cfg.arch!r}: "
                               f"{str(exc).splitlines()[0]}") from None
         return
-    if cfg.arch != "custom" and cfg.pretrained in open_clip.list_pretrained_tags_by_model(cfg.arch):
+    if is_pretrained_tag(cfg):
         url_model = open_clip.create_model(cfg.arch, pretrained=cfg.pretrained)  # downloads from the hub
         model.load_state_dict(url_model.state_dict(), strict=True)
         return

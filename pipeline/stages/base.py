@@ -7,6 +7,7 @@ Lifecycle (per process)::
 
     stage = StageClass(cfg, ctx)
     spec = stage.sample_spec()                 # what the data reader must produce per sample/batch
+    stage.input_paths()                        # files the model config names; the Trainer checks they exist
     trainable = stage.build_trainable()        # {"model": m} or {"generator": g, "discriminator": d}
     frozen = stage.build_frozen()              # frozen helpers (T5, CLIP, autoencoder), may be {}
     # Trainer: frozen -> eval(), requires_grad_(False), compute dtype, device; one engine per trainable part
@@ -87,6 +88,12 @@ class Stage:
     def sample_spec(self) -> SampleSpec:
         """What the data reader must produce: image size and normalisation, caption tokenization, arrays."""
         raise NotImplementedError
+
+    def input_paths(self) -> dict[str, str]:
+        """Local files or folders the model config names (pretrained weights, T5, frozen helpers), keyed by their
+        config key. The Trainer checks that each exists before anything is built; hub ids are left out (the library
+        resolves them when loading)."""
+        return {}
 
     def build_trainable(self) -> dict[str, nn.Module]:
         """Freshly initialised trainable modules keyed by part name; one optimizer/engine per part."""

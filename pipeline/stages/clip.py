@@ -14,8 +14,8 @@ from pipeline.data.spec import SampleSpec
 from pipeline.errors import ConfigError
 from pipeline.eval.retrieval import retrieval_sums
 from pipeline.losses.contrastive import clip_loss, siglip_loss
-from pipeline.models.clip import (ClipConfig, ClipTokenize, build_clip, image_size_of, open_clip_model_cfg,
-                                  preprocess_cfg)
+from pipeline.models.clip import (ClipConfig, ClipTokenize, build_clip, image_size_of, is_pretrained_tag,
+                                  open_clip_model_cfg, preprocess_cfg)
 from pipeline.stages.base import EvalSums, Stage, StageContext, StepOutput
 
 OPEN_CLIP_CONFIG = "open_clip_config.json"
@@ -41,6 +41,12 @@ class ClipStage(Stage):
         pre = preprocess_cfg(self.model_cfg)
         return SampleSpec(image_size=pre["size"], image_mean=tuple(pre["mean"]), image_std=tuple(pre["std"]),
                           tokenize=ClipTokenize(self.mcfg))
+
+    def input_paths(self) -> dict[str, str]:
+        pretrained = self.mcfg.pretrained
+        if not pretrained or is_pretrained_tag(self.mcfg):
+            return {}
+        return {"model.pretrained": pretrained}
 
     def build_trainable(self) -> dict[str, nn.Module]:
         model = build_clip(self.mcfg)

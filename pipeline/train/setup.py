@@ -16,7 +16,7 @@ from torch import nn
 
 from pipeline.config import Config, DataConfig
 from pipeline.data.spec import BatchLoader, SampleSpec
-from pipeline.errors import CheckpointError, PipelineError
+from pipeline.errors import CheckpointError, ConfigError, PipelineError
 from pipeline.stages.base import Stage, StageContext
 from pipeline.stages.registry import stage_class
 from pipeline.train.backend import Dist, Part, make_part
@@ -62,15 +62,24 @@ def freeze(frozen: Mapping[str, nn.Module], device: torch.device, dtype: torch.d
     return out
 
 
-def load_initial_weights(trainable: Mapping[str, nn.Module], source: str) -> None:
-    """ckpt.init_from: strict full-weight load of every part from a checkpoint (EMA weights when present)."""
-    from pipeline.export import consolidated_weights, resolve_checkpoint
+def init_checkpoint(source: str) -> Path:
+    """The complete checkpoint ckpt.init_from names (a run dir or a checkpoint dir); one-line error otherwise."""
+    from pipeline.export import resolve_checkpoint
 
     path = Path(source)
     if (path / "bundle.json").is_file():
         raise PipelineError(f"ckpt.init_from={source}: initialising from an export bundle is not supported; point "
                             "it at a checkpoint (RUN_DIR or RUN_DIR/checkpoints/step_XXXXXXXX)")
-    ckpt = resolve_checkpoint(path)
+    if not path.exists():
+        raise CheckpointError(f"ckpt.init_from={source}: no such run or checkpoint directory")
+    return resolve_checkpoint(path)
+
+
+def load_initial_weights(trainable: Mapping[str, nn.Module], source: str) -> None:
+    """ckpt.init_from: strict full-weight load of every part from a checkpoint (EMA weights when present)."""
+    from pipeline.export import consolidated_weights
+
+    ckpt = init_checkpoint(source)
     for name, module in trainable.items():
         state = consolidated_weights(ckpt, name, use_ema=True)
         load_strict(module, state, f"{ckpt} part {name!r}")
@@ -95,19 +104,50 @@ def load_strict(module: nn.Module, state: Mapping[str, torch.Tensor], source: st
 
 @dataclass
 class Built:
-    """Everything the loop needs, freshly built (before any checkpoint is loaded)."""
+    """The trainable engines, frozen helpers and EMAs, freshly built (before any checkpoint is loaded)."""
 
-    stage: Stage
-    spec: SampleSpec
     parts: dict[str, Part]
     frozen: dict[str, nn.Module]
     emas: dict[str, EMA]
 
 
-def build_all(cfg: Config, dist: Dist, precision: Precision, run_dir: Path) -> Built:
-    """Stage, frozen helpers and engines; every rank builds identical initial weights (same seed)."""
-    stage = build_stage(cfg, dist, precision, run_dir)
-    spec = stage.sample_spec()
+@dataclass
+class Inputs:
+    """The run's data loaders, built (and so validated) before any model is."""
+
+    train: BatchLoader
+    eval: Iterable[dict] | None
+
+
+def open_inputs(cfg: Config, stage: Stage, spec: SampleSpec, sources: DataSources, dist: Dist) -> Inputs:
+    """Check every path the run will read before anything heavy happens, on every rank, with one-line errors.
+
+    Shard specs (train, eval, precomputed), ckpt.init_from and the files the stage's model config names (T5,
+    pretrained weights, frozen helpers): a wrong path fails in seconds instead of at the first evaluation or after
+    the models are built. The loaders' builders validate their own specs and precomputed alignment; precomputed
+    specs the stage does not read are still required to exist (a typo there is a typo).
+    """
+    from pipeline.data.sources import expand_shard_specs
+
+    for key, spec_value in (("data.precomputed_urls", cfg.data.precomputed_urls),
+                            ("data.eval_precomputed_urls", cfg.data.eval_precomputed_urls)):
+        if spec_value and not spec.precomputed:
+            expand_shard_specs(spec_value, key)
+    if cfg.ckpt.init_from:
+        init_checkpoint(cfg.ckpt.init_from)
+    for key, path in stage.input_paths().items():
+        if not Path(path).exists():
+            raise ConfigError(f"{key}: {path} does not exist (no such file or directory); fix the path")
+    train = build_train_loader(sources, cfg.data, spec, cfg, dist)
+    evaluation = None
+    if cfg.data.eval_urls:
+        evaluation = sources.eval(cfg.data, spec, batch_size=cfg.eval.batch_size, max_samples=cfg.eval.max_samples,
+                                  rank=dist.rank, world_size=dist.world_size)
+    return Inputs(train, evaluation)
+
+
+def build_all(cfg: Config, dist: Dist, precision: Precision, stage: Stage) -> Built:
+    """Frozen helpers and engines for `stage`; every rank builds identical initial weights (same seed)."""
     trainable = stage.build_trainable()
     if not trainable:
         raise PipelineError(f"stage {cfg.stage!r} declares no trainable parts")
@@ -118,7 +158,7 @@ def build_all(cfg: Config, dist: Dist, precision: Precision, run_dir: Path) -> B
     parts = {name: make_part(name, module, cfg, ds_config) for name, module in trainable.items()}
     emas = {name: EMA(part.module, cfg.train.ema_decay) for name, part in parts.items()} \
         if cfg.train.ema_decay > 0 else {}
-    return Built(stage, spec, parts, frozen, emas)
+    return Built(parts, frozen, emas)
 
 
 def build_train_loader(sources: DataSources, data: DataConfig, spec: SampleSpec, cfg: Config,

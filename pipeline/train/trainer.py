@@ -25,7 +25,7 @@ from pipeline.train.checkpoint import Checkpointer, Restored, find_latest, resol
 from pipeline.train.ds_config import resolve_precision, trainer_clips_gradients
 from pipeline.train.metrics import MetricsSinks, max_memory_bytes
 from pipeline.train.schedule import lr_at
-from pipeline.train.setup import DataSources, build_all, build_train_loader, identity
+from pipeline.train.setup import DataSources, build_all, build_stage, identity, open_inputs
 from pipeline.train.signals import StopRequest
 from pipeline.train.step import StepOutcome, StepRunner
 
@@ -52,12 +52,14 @@ class Trainer:
         self.cfg, self.run_dir, self.dist, self.stop, self.sources = cfg, run_dir, dist, stop, sources
         self.precision = resolve_precision(cfg.train, dist.device)
         resume_from = self._agreed_checkpoint(resolve_resume(run_dir, cfg.ckpt.resume))  # refuse before building
+        self.stage = build_stage(cfg, dist, self.precision, run_dir)
+        self.spec = self.stage.sample_spec()
+        inputs = open_inputs(cfg, self.stage, self.spec, sources, dist)  # every path checked before the models
+        self.loader, self.eval_loader = inputs.train, inputs.eval
         rng.seed_all(cfg.train.seed)  # identical initial weights on every rank
-        built = build_all(cfg, dist, self.precision, run_dir)
-        self.stage, self.spec, self.parts, self.frozen, self.emas = (
-            built.stage, built.spec, built.parts, built.frozen, built.emas)
+        built = build_all(cfg, dist, self.precision, self.stage)
+        self.parts, self.frozen, self.emas = built.parts, built.frozen, built.emas
         rng.seed_all(rng.rank_seed(cfg.train.seed, dist.rank))  # distinct noise/dropout per rank from here
-        self.loader = build_train_loader(sources, cfg.data, self.spec, cfg, dist)
         self.checkpointer = Checkpointer(run_dir, dist, self.parts, self.emas,
                                          identity(cfg, dist, self.precision, built), dump_config(cfg),
                                          cfg.ckpt.keep_last)
@@ -241,12 +243,9 @@ class Trainer:
 
     def _evaluate(self) -> dict[str, float]:
         """stage.evaluate on this rank's share; (sum, count) pairs reduced over ranks into means."""
-        cfg = self.cfg
-        loader = self.sources.eval(cfg.data, self.spec, batch_size=cfg.eval.batch_size,
-                                   max_samples=cfg.eval.max_samples, rank=self.dist.rank,
-                                   world_size=self.dist.world_size)
+        assert self.eval_loader is not None  # built at start-up whenever data.eval_urls is set
         batches = (normalize_batch(b, self.spec, self.dist.device, self.precision.dtype)
-                   for b in self._lockstep(loader))
+                   for b in self._lockstep(self.eval_loader))
         models = self._plain_models(False)
         try:
             with rng.isolated(), torch.no_grad():
