@@ -60,3 +60,19 @@ def test_unknown_override_on_every_shipped_config_exits_2_naming_the_key(config,
     assert main(["train", str(REPO / config), "--run-dir", str(tmp_path), "--set", "nonexistent.key=1"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "nonexistent.key" in err and not (tmp_path / "checkpoints").exists()
+
+
+def test_one_set_takes_several_overrides_and_repeated_sets_still_work(tmp_path, capsys):
+    from pipeline.cli.main import build_parser
+    from pipeline.config import load_config
+
+    config = str(REPO / "configs" / "demo" / "clip.yaml")
+    args = build_parser().parse_args(["train", config, "--run-dir", str(tmp_path), "--set", "train.max_steps=7",
+                                      "optim.lr=0.5", "--set", "train.seed=3", "train.max_steps=9"])
+    assert args.overrides == ["train.max_steps=7", "optim.lr=0.5", "train.seed=3", "train.max_steps=9"]
+    cfg = load_config(args.config, args.overrides)
+    assert (cfg.train.max_steps, cfg.optim.lr, cfg.train.seed) == (9, 0.5, 3)  # later overrides win
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    help_text = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
+    assert "--set train.max_steps=100 optim.lr=1e-4" in help_text and "--set optim.lr=1e-4)" in help_text

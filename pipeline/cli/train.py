@@ -14,8 +14,9 @@ def add_parser(sub: argparse._SubParsersAction, common: argparse.ArgumentParser)
     parser.add_argument("config", help="YAML run config, e.g. configs/demo/clip.yaml")
     parser.add_argument("--run-dir", required=True, type=Path,
                         help="directory for checkpoints, metrics.jsonl, TensorBoard logs and the resolved config")
-    parser.add_argument("--set", action="append", default=[], dest="overrides", metavar="KEY=VALUE",
-                        help="override a config value, e.g. --set train.max_steps=100 (repeatable)")
+    parser.add_argument("--set", action="extend", nargs="+", default=[], dest="overrides", metavar="KEY=VALUE",
+                        help="override config values: --set train.max_steps=100 optim.lr=1e-4, or one per --set "
+                             "(--set train.max_steps=100 --set optim.lr=1e-4); later ones win")
     parser.set_defaults(handler=_run)
 
 
