@@ -34,7 +34,7 @@ $(STAMP): pyproject.toml constraints-cpu.txt Makefile
 	# which would download another torch) and without compiling its CUDA ops.
 	$(PY) -c "import deepspeed" 2>/dev/null || DS_BUILD_OPS=0 $(PIP) install $(CONSTRAINTS) --no-build-isolation deepspeed
 	$(PIP) install $(CONSTRAINTS) --no-build-isolation -e ".[test]"
-	$(PY) -c "import pipeline, open_clip, deepspeed, webdataset, transformers, triton; print('setup ok: torch', __import__('torch').__version__)"
+	$(PY) -c "import pipeline, open_clip, deepspeed, diffusers, webdataset, transformers, triton; print('setup ok: torch', __import__('torch').__version__)"
 	touch $(STAMP)
 
 demo: setup

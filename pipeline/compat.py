@@ -49,3 +49,14 @@ def patch_torchvision_for_cpu_torch() -> bool:
     _fragment.define("nms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
     _fragment.define("qnms(Tensor qdets, Tensor scores, float iou_threshold) -> Tensor")
     return True
+
+
+def quiet_xformers_on_cpu_torch() -> None:
+    """On CPU torch, xformers (a CUDA-only wheel) warns at import that its extensions do not load; diffusers imports
+    it, so every command would print that. Nothing on CPU uses xformers: keep only its errors there."""
+    import logging
+
+    import torch
+
+    if torch.version.cuda is None and getattr(torch.version, "hip", None) is None:
+        logging.getLogger("xformers").setLevel(logging.ERROR)
