@@ -1,0 +1,126 @@
+"""The diffusion training objective and the conditioning tricks around it.
+
+- :func:`diffusion_loss`: draw t and eps, noise x0, ask the network for its target, weighted MSE.
+- :func:`cfg_drop`: which samples lose their condition (classifier-free guidance training).
+- :func:`noise_augment`, :func:`random_levels`, :func:`level_embedding`: Imagen's noise-conditioning augmentation of
+  the low-resolution input of a super-resolution stage, and the features that tell the U-Net its level.
+
+Randomness comes from `generator` when given, else from torch's global RNG: the Trainer checkpoints the global RNG
+state of every rank, so drawing from it by default keeps resumed training bit-identical.
+
+Shapes: x0 / low_res (B, C, H, W) (any trailing dims); t, level, weights (B,).
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+from pipeline.diffusion.schedules import DiffusionConfig, NoiseSchedule, check_range
+
+Predict = Callable[[Tensor, Tensor], Tensor]
+
+# Sinusoidal embeddings are built for positions ~0..1000 (diffusers' timestep embedding, max period 10000); a
+# level in [0, 1] is spread over that range so its features vary as much as a timestep's do.
+LEVEL_EMBEDDING_SCALE = 1000.0
+MAX_PERIOD = 10000.0
+
+
+class LossOutput(NamedTuple):
+    """loss: scalar, mean over the batch of weight * per_sample; per_sample: (B,) unweighted MSE (float32);
+    t: (B,) int64 timesteps drawn."""
+
+    loss: Tensor
+    per_sample: Tensor
+    t: Tensor
+
+
+def _generator_device(generator: torch.Generator | None, device: torch.device) -> torch.device:
+    """Where to draw: a generator only draws on its own device (a CPU generator cannot fill a CUDA tensor)."""
+    return generator.device if generator is not None else device
+
+
+def diffusion_loss(predict: Predict, x0: Tensor, schedule: NoiseSchedule, cfg: DiffusionConfig,
+                   generator: torch.Generator | None = None) -> LossOutput:
+    """Weighted MSE between predict(x_t, t) and the `cfg.target` of (x0, eps), t ~ U{0..T-1}, eps ~ N(0, I).
+
+    predict(x_t (B, ...) in x0's dtype, t (B,) int64) -> (B, ...). The MSE is taken in float32 (or wider): a bf16
+    difference of two nearly equal predictions would be mostly rounding error.
+    """
+    batch, device = x0.shape[0], x0.device
+    draw_on = _generator_device(generator, device)
+    t = torch.randint(0, schedule.num_timesteps, (batch,), generator=generator, device=draw_on).to(device)
+    eps_dtype = torch.promote_types(x0.dtype, torch.float32)
+    eps = torch.randn(x0.shape, generator=generator, device=draw_on, dtype=eps_dtype).to(device)
+    x_t = schedule.add_noise(x0, eps, t)
+    target = schedule.target(x0, eps, t, cfg.target)
+    out = predict(x_t, t)
+    if out.shape != x0.shape:
+        raise ValueError(f"the network returned shape {tuple(out.shape)} for inputs of shape {tuple(x0.shape)}")
+    err = (out.to(target.dtype) - target) ** 2
+    per_sample = err.reshape(batch, -1).mean(dim=1)
+    weight = schedule.loss_weight(t, cfg.target, cfg.loss_weighting, cfg.min_snr_gamma).to(per_sample.dtype)
+    return LossOutput(loss=(weight * per_sample).mean(), per_sample=per_sample, t=t)
+
+
+def cfg_drop(batch_size: int, prob: float, device: torch.device | str,
+             generator: torch.Generator | None = None) -> Tensor:
+    """(B,) bool, True where a sample's condition is replaced by the null condition (probability `prob` each)."""
+    if not 0.0 <= prob <= 1.0:
+        raise ValueError(f"condition drop probability must be in [0, 1], got {prob}")
+    device = torch.device(device)
+    u = torch.rand(batch_size, generator=generator, device=_generator_device(generator, device))
+    return (u < prob).to(device)  # rand is in [0, 1): prob 0 never drops, prob 1 always does
+
+
+def noise_augment(low_res: Tensor, level: Tensor, schedule: NoiseSchedule,
+                  generator: torch.Generator | None = None) -> Tensor:
+    """Imagen's noise-conditioning augmentation: low_res (B, ...) noised to timestep level * (T-1) (fractional).
+
+    z = sqrt(abar) x + sqrt(1 - abar) eps with the stage's own forward process, so level 0 is (almost) clean and
+    level 1 is (almost) pure noise. The super-resolution U-Net learns to ignore artefacts of the base stage's
+    output that look like this noise. Returns low_res's dtype.
+    """
+    level = torch.as_tensor(level, device=low_res.device)
+    if level.shape != (low_res.shape[0],):
+        raise ValueError(f"noise-augmentation level must have shape ({low_res.shape[0]},), got {tuple(level.shape)}")
+    check_range(level, 0.0, 1.0, "noise-augmentation levels")
+    eps_dtype = torch.promote_types(low_res.dtype, torch.float32)
+    eps = torch.randn(low_res.shape, generator=generator, device=_generator_device(generator, low_res.device),
+                      dtype=eps_dtype).to(low_res.device)
+    return schedule.add_noise(low_res, eps, level.to(torch.float64) * (schedule.num_timesteps - 1))
+
+
+def random_levels(batch: int, max_level: float, device: torch.device | str,
+                  generator: torch.Generator | None = None) -> Tensor:
+    """(B,) float32 augmentation levels, uniform in [0, max_level] (training draws a fresh level per sample)."""
+    if not 0.0 <= max_level <= 1.0:
+        raise ValueError(f"maximum noise-augmentation level must be in [0, 1], got {max_level}")
+    device = torch.device(device)
+    u = torch.rand(batch, generator=generator, device=_generator_device(generator, device))
+    return (u * max_level).to(device)
+
+
+def level_embedding(level: Tensor, dim: int) -> Tensor:
+    """Sinusoidal features (B, dim) float32 of augmentation levels (B,) in [0, 1].
+
+    [sin(p * f_k), cos(p * f_k)] with p = 1000 * level and f_k = 10000^(-k / (dim/2)), the timestep embedding of
+    diffusion U-Nets applied to the level; an odd `dim` gets one zero feature at the end. The U-Net's
+    class-embedding projection maps these features to its own width.
+    """
+    if dim < 2:
+        raise ValueError(f"level embedding needs dim >= 2, got {dim}")
+    level = torch.as_tensor(level)
+    if level.dim() != 1:
+        raise ValueError(f"levels must have shape (B,), got {tuple(level.shape)}")
+    check_range(level, 0.0, 1.0, "noise-augmentation levels")
+    half = dim // 2
+    freqs = torch.exp(-math.log(MAX_PERIOD) * torch.arange(half, dtype=torch.float32, device=level.device) / half)
+    args = (level.to(torch.float32) * LEVEL_EMBEDDING_SCALE)[:, None] * freqs[None, :]
+    features = torch.cat([torch.sin(args), torch.cos(args)], dim=1)
+    if dim % 2:
+        features = torch.nn.functional.pad(features, (0, 1))
+    return features

@@ -1,0 +1,273 @@
+"""Discrete variance-preserving noise schedules and the eps / x0 / v parameterisations.
+
+The forward process is x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps for integer t in [0, T-1] (t = 0 is the least
+noisy step, as in diffusers). Everything a sampler or the loss needs is a function of abar, so the conversions
+below are written once in terms of abar and the :class:`NoiseSchedule` methods only look abar up for t.
+
+Fractional timesteps are allowed everywhere: between integers, log(sigma) with sigma = sqrt((1 - abar) / abar) is
+interpolated linearly, which is exactly how diffusers' Euler/Heun/DPM-Solver schedulers map a Karras sigma back to
+a (fractional) timestep (their ``_sigma_to_t``). Hence a model conditioned on our fractional t sees the noise
+level those schedulers actually sampled at.
+
+Tables are float64 (the cosine schedule's last abar is ~2e-9; float32 would lose the 1 - abar digits near t = 0).
+Shapes: t (B,); x0, eps, x_t, out (B, ...) with any number of trailing dims.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+from pipeline.config_schema import check, doc
+
+Target = Literal["eps", "x0", "v"]
+TARGETS: tuple[str, ...] = ("eps", "x0", "v")
+SCHEDULES: tuple[str, ...] = ("linear", "cosine", "shifted_cosine")
+WEIGHTINGS: tuple[str, ...] = ("uniform", "min_snr")
+
+COSINE_OFFSET = 0.008  # Nichol & Dhariwal's s: keeps beta_0 from being vanishingly small
+MAX_BETA = 0.999  # the cap of diffusers' "squaredcos_cap_v2"; without it the last beta is 1 and abar_{T-1} = 0
+
+
+@dataclass(frozen=True)
+class DiffusionConfig:
+    """The `model.diffusion` section: noise schedule, prediction target and loss weighting of a diffusion stage."""
+
+    schedule: Literal["linear", "cosine", "shifted_cosine"] = doc(
+        "cosine", "Noise schedule: 'linear' betas (DDPM), 'cosine' (Nichol & Dhariwal, diffusers' squaredcos_cap_v2) "
+                  "or 'shifted_cosine' (cosine with log-SNR shifted by 2*log(shift_base_resolution / resolution), "
+                  "'simple diffusion', for high resolutions).")
+    num_timesteps: int = doc(1000, "Training timesteps T; t runs over 0..T-1.")
+    beta_start: float = doc(1e-4, "First beta of the linear schedule (unitless variance per step).")
+    beta_end: float = doc(0.02, "Last beta of the linear schedule (unitless variance per step).")
+    shift_base_resolution: int = doc(64, "Pixels (or latent cells); the resolution at which the shifted cosine "
+                                         "schedule equals the plain cosine one.")
+    target: Literal["eps", "x0", "v"] = doc("v", "What the network predicts: noise 'eps', clean data 'x0', or "
+                                                 "velocity 'v' = sqrt(abar)*eps - sqrt(1-abar)*x0.")
+    loss_weighting: Literal["uniform", "min_snr"] = doc(
+        "min_snr", "Per-timestep loss weight: 'uniform' (1) or min-SNR-gamma (Hang et al. 2023), expressed for "
+                   "`target`.")
+    min_snr_gamma: float = doc(5.0, "gamma of min-SNR weighting: the signal-to-noise ratio above which timesteps "
+                                    "stop gaining weight (unitless).")
+
+    def __post_init__(self) -> None:
+        check(self.schedule in SCHEDULES, "model.diffusion.schedule",
+              f"must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
+        check(self.num_timesteps >= 2, "model.diffusion.num_timesteps", f"must be >= 2, got {self.num_timesteps}")
+        check(0.0 < self.beta_start <= self.beta_end < 1.0, "model.diffusion.beta_start",
+              f"and beta_end must satisfy 0 < beta_start <= beta_end < 1, got {self.beta_start} and {self.beta_end}")
+        check(self.shift_base_resolution > 0, "model.diffusion.shift_base_resolution",
+              f"must be a positive pixel count, got {self.shift_base_resolution}")
+        check(self.target in TARGETS, "model.diffusion.target",
+              f"must be one of {', '.join(TARGETS)}, got {self.target!r}")
+        check(self.loss_weighting in WEIGHTINGS, "model.diffusion.loss_weighting",
+              f"must be one of {', '.join(WEIGHTINGS)}, got {self.loss_weighting!r}")
+        check(self.min_snr_gamma > 0, "model.diffusion.min_snr_gamma", f"must be > 0, got {self.min_snr_gamma}")
+
+
+def check_target(kind: str) -> None:
+    """Raise ValueError unless `kind` is one of eps / x0 / v."""
+    if kind not in TARGETS:
+        raise ValueError(f"prediction target must be one of {', '.join(TARGETS)}, got {kind!r}")
+
+
+def check_range(values: Tensor, low: float, high: float, what: str) -> None:
+    """Raise ValueError unless every value lies in [low, high].
+
+    Only CPU tensors are checked: on an accelerator the check would block the host until the device catches up
+    (a sync per call in the training step), and the values there come from our own draws.
+    """
+    if values.device.type != "cpu" or values.numel() == 0:
+        return
+    if bool(((values < low) | (values > high) | values.isnan()).any()):
+        raise ValueError(f"{what} must lie in [{low:g}, {high:g}], got values from {values.min().item():g} to "
+                         f"{values.max().item():g}")
+
+
+def _work_dtype(x: Tensor) -> torch.dtype:
+    """float32 or wider: conversions divide by sqrt(abar) ~ 5e-5 at the noisiest step, too much for 16-bit."""
+    return torch.promote_types(x.dtype, torch.float32)
+
+
+def _coef(values: Tensor, like: Tensor, dtype: torch.dtype) -> Tensor:
+    """(B,) -> (B, 1, ..., 1) broadcastable against `like`, in `dtype` on like's device."""
+    return values.to(device=like.device, dtype=dtype).reshape(-1, *([1] * (like.dim() - 1)))
+
+
+def x0_eps_from_output(x_t: Tensor, out: Tensor, abar: Tensor, kind: str) -> tuple[Tensor, Tensor]:
+    """(x0, eps) implied by the network output `out` in parameterisation `kind` at noise level abar (B,).
+
+    x_t, out: (B, ...). Returns tensors in float32 or wider (the wider of the inputs' dtypes).
+    """
+    check_target(kind)
+    dtype = torch.promote_types(_work_dtype(x_t), _work_dtype(out))
+    a, s = _coef(abar.sqrt(), x_t, dtype), _coef((1 - abar).sqrt(), x_t, dtype)
+    x_t, out = x_t.to(dtype), out.to(dtype)
+    if kind == "eps":
+        return (x_t - s * out) / a, out
+    if kind == "x0":
+        return out, (x_t - a * out) / s
+    # v = a*eps - s*x0 and x_t = a*x0 + s*eps form a rotation (a^2 + s^2 = 1), so the inverse is its transpose
+    return a * x_t - s * out, s * x_t + a * out
+
+
+def output_from_x0_eps(x0: Tensor, eps: Tensor, abar: Tensor, kind: str) -> Tensor:
+    """The network output in parameterisation `kind` for (x0, eps) at noise level abar (B,); float32 or wider."""
+    check_target(kind)
+    dtype = torch.promote_types(_work_dtype(x0), _work_dtype(eps))
+    if kind == "eps":
+        return eps.to(dtype)
+    if kind == "x0":
+        return x0.to(dtype)
+    a, s = _coef(abar.sqrt(), x0, dtype), _coef((1 - abar).sqrt(), x0, dtype)
+    return a * eps.to(dtype) - s * x0.to(dtype)
+
+
+class NoiseSchedule:
+    """A discrete VP schedule given by its betas (float64, (T,)); every other table is derived from them.
+
+    Building from betas (not abar) keeps us on the path a diffusers scheduler takes with ``trained_betas``
+    (abar = cumprod(1 - betas)); diffusers does it in float32, we in float64.
+    """
+
+    def __init__(self, betas: Tensor) -> None:
+        betas = torch.as_tensor(betas, dtype=torch.float64).detach().cpu()
+        if betas.dim() != 1 or betas.numel() < 2:
+            raise ValueError(f"a noise schedule needs a 1-D tensor of at least 2 betas, got shape {tuple(betas.shape)}")
+        if not bool(((betas > 0) & (betas < 1)).all()):
+            raise ValueError("every beta of a noise schedule must lie in (0, 1)")
+        self.betas = betas
+        self.num_timesteps = int(betas.numel())
+        log_abar = torch.cumsum(torch.log1p(-betas), 0)
+        self.alphas_cumprod = torch.exp(log_abar)
+        # 1 - abar via expm1: near t = 0 abar is 0.99996 and the plain subtraction would lose 5 digits
+        self.log_sigmas = 0.5 * (torch.log(-torch.expm1(log_abar)) - log_abar)
+        self._device_tables: dict[torch.device, tuple[Tensor, Tensor]] = {}
+
+    def _tables(self, device: torch.device) -> tuple[Tensor, Tensor]:
+        """(alphas_cumprod, log_sigmas) on `device`, cached so a training step does not copy them every call."""
+        if device not in self._device_tables:
+            self._device_tables[device] = (self.alphas_cumprod.to(device), self.log_sigmas.to(device))
+        return self._device_tables[device]
+
+    def _timesteps(self, t: Tensor) -> Tensor:
+        t = torch.as_tensor(t).to(torch.float64)
+        check_range(t, 0, self.num_timesteps - 1, "timesteps")
+        return t
+
+    def log_sigma(self, t: Tensor) -> Tensor:
+        """log(sigma) at (fractional) t (B,), float64; linear in t between integer timesteps."""
+        t = self._timesteps(t)
+        _, log_sigmas = self._tables(t.device)
+        lo = t.floor().long().clamp(max=self.num_timesteps - 2)
+        w = t - lo
+        return log_sigmas[lo] + w * (log_sigmas[lo + 1] - log_sigmas[lo])
+
+    def alpha_bar(self, t: Tensor) -> Tensor:
+        """abar at (fractional) t (B,), float64; exactly the table value at integer t."""
+        t = self._timesteps(t)
+        abar, _ = self._tables(t.device)
+        nearest = t.round()
+        interpolated = torch.sigmoid(-2 * self.log_sigma(t))  # abar = 1 / (1 + sigma^2)
+        return torch.where(t == nearest, abar[nearest.long()], interpolated)
+
+    def snr(self, t: Tensor) -> Tensor:
+        """Signal-to-noise ratio abar / (1 - abar) = 1 / sigma^2 at t (B,), float64."""
+        return torch.exp(-2 * self.log_sigma(t))
+
+    def sigma_to_t(self, sigma: Tensor) -> Tensor:
+        """Fractional timestep (float64, same shape) whose sigma is `sigma` (> 0); inverse of the interpolation.
+
+        Sigmas outside the table's range map to 0 or T-1, as in diffusers' ``_sigma_to_t``.
+        """
+        sigma = torch.as_tensor(sigma).to(torch.float64)
+        _, log_sigmas = self._tables(sigma.device)
+        ls = torch.log(sigma.clamp(min=1e-10))
+        lo = (torch.searchsorted(log_sigmas, ls.reshape(-1)).reshape(ls.shape) - 1).clamp(0, self.num_timesteps - 2)
+        w = ((ls - log_sigmas[lo]) / (log_sigmas[lo + 1] - log_sigmas[lo])).clamp(0, 1)
+        return lo + w
+
+    def add_noise(self, x0: Tensor, eps: Tensor, t: Tensor) -> Tensor:
+        """x_t = sqrt(abar) x0 + sqrt(1 - abar) eps, computed in float32 or wider, returned in x0's dtype."""
+        abar = self.alpha_bar(t)
+        dtype = torch.promote_types(_work_dtype(x0), _work_dtype(eps))
+        a, s = _coef(abar.sqrt(), x0, dtype), _coef((1 - abar).sqrt(), x0, dtype)
+        return (a * x0.to(dtype) + s * eps.to(dtype)).to(x0.dtype)
+
+    def target(self, x0: Tensor, eps: Tensor, t: Tensor, kind: str) -> Tensor:
+        """What a network with parameterisation `kind` should output for (x0, eps) at t; float32 or wider."""
+        return output_from_x0_eps(x0, eps, self.alpha_bar(t), kind)
+
+    def to_x0_eps(self, x_t: Tensor, out: Tensor, t: Tensor, kind: str) -> tuple[Tensor, Tensor]:
+        """(x0, eps) implied by network output `out` (parameterisation `kind`) for x_t at t."""
+        return x0_eps_from_output(x_t, out, self.alpha_bar(t), kind)
+
+    def from_x0_eps(self, x_t: Tensor, x0: Tensor, eps: Tensor, t: Tensor, kind: str) -> Tensor:
+        """Inverse of :meth:`to_x0_eps`. `x_t` is not needed by eps/x0/v (it is implied by x0 and eps); it is
+        accepted so both directions take the same arguments."""
+        del x_t
+        return output_from_x0_eps(x0, eps, self.alpha_bar(t), kind)
+
+    def loss_weight(self, t: Tensor, kind: str, weighting: str, gamma: float) -> Tensor:
+        """Per-sample weight (B,) float64 of the MSE on target `kind`.
+
+        min-SNR-gamma weights the x0-space error by min(snr, gamma). The MSE on eps is snr times the x0-space
+        error and the MSE on v is (snr + 1) times it (x_t fixed), so the same weighting reads min(snr, g) / snr
+        for eps, min(snr, g) for x0 and min(snr, g) / (snr + 1) for v.
+        """
+        check_target(kind)
+        if weighting == "uniform":
+            t = torch.as_tensor(t)
+            return torch.ones(t.shape, dtype=torch.float64, device=t.device)
+        if weighting != "min_snr":
+            raise ValueError(f"loss weighting must be one of {', '.join(WEIGHTINGS)}, got {weighting!r}")
+        if gamma <= 0:
+            raise ValueError(f"min-SNR gamma must be > 0, got {gamma}")
+        snr = self.snr(t)
+        clipped = snr.clamp(max=gamma)
+        if kind == "eps":
+            return clipped / snr
+        if kind == "x0":
+            return clipped
+        return clipped / (snr + 1)
+
+
+def cosine_betas(num_timesteps: int, offset: float = COSINE_OFFSET, max_beta: float = MAX_BETA) -> Tensor:
+    """Nichol & Dhariwal's cosine betas, float64 (T,), discretised as diffusers' "squaredcos_cap_v2":
+    beta_i = min(1 - f((i+1)/T) / f(i/T), max_beta) with f(u) = cos((u + s) / (1 + s) * pi/2)^2."""
+    u = torch.arange(num_timesteps + 1, dtype=torch.float64) / num_timesteps
+    f = torch.cos((u + offset) / (1 + offset) * math.pi / 2) ** 2
+    return (1 - f[1:] / f[:-1]).clamp(max=max_beta)
+
+
+def _shift_log_snr(betas: Tensor, shift: float) -> Tensor:
+    """Betas of the schedule whose log-SNR is that of `betas` plus `shift` at every timestep."""
+    log_abar = torch.cumsum(torch.log1p(-betas), 0)
+    log_snr = log_abar - torch.log(-torch.expm1(log_abar))  # logit(abar)
+    shifted_log_abar = torch.nn.functional.logsigmoid(log_snr + shift)
+    step = torch.diff(shifted_log_abar, prepend=torch.zeros(1, dtype=torch.float64))
+    return -torch.expm1(step)  # beta_t = 1 - abar_t / abar_{t-1}
+
+
+def build_schedule(cfg: DiffusionConfig, resolution: int) -> NoiseSchedule:
+    """The schedule `cfg` describes for images (or latents) of side `resolution`.
+
+    `resolution` only matters for 'shifted_cosine': log-SNR += 2*log(shift_base_resolution / resolution), so a
+    larger image (more redundant pixels) gets proportionally more noise at every t ("simple diffusion").
+    """
+    if resolution <= 0:
+        raise ValueError(f"resolution must be a positive pixel count, got {resolution}")
+    if cfg.schedule == "linear":
+        return NoiseSchedule(torch.linspace(cfg.beta_start, cfg.beta_end, cfg.num_timesteps, dtype=torch.float64))
+    betas = cosine_betas(cfg.num_timesteps)
+    if cfg.schedule == "shifted_cosine":
+        betas = _shift_log_snr(betas, 2 * math.log(cfg.shift_base_resolution / resolution))
+    return NoiseSchedule(betas)
+
+
+def scheduler_betas(schedule: NoiseSchedule) -> list[float]:
+    """The betas as plain floats: diffusers schedulers take them as ``trained_betas`` (and JSON stores them)."""
+    return schedule.betas.tolist()
