@@ -90,3 +90,18 @@ def test_png_format_and_bad_arguments(tmp_path):
     assert set(next(iter(read_samples(tmp_path).values()))) == {"png", "txt", "json"}
     with pytest.raises(ValueError):
         write_synthetic_shards(tmp_path / "x", 0, 2, 16, seed=0)
+
+
+def test_parse_caption_inverts_caption_for_and_rejects_other_text():
+    from pipeline.data.synthetic import make_sample, parse_caption
+
+    for index in range(40):
+        _, members = make_sample(index, 3, "heldout" if index % 2 else "train", 32)
+        meta = json.loads(members["json"])
+        parsed = parse_caption(members["txt"].decode())
+        assert [o.attributes for o in parsed] == [tuple(o[k] for k in ("size", "colour", "shape", "position"))
+                                                  for o in meta["objects"]]
+    for text in ("a photo of a dog", "a large red circle", "a huge red circle on the left",
+                 "a large red circle on the left and a small blue square at the top and a large red square "
+                 "in the center", ""):
+        assert parse_caption(text) is None, text

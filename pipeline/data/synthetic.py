@@ -72,6 +72,22 @@ def caption_for(objects: list[SceneObject] | tuple[SceneObject, ...]) -> str:
     return " and ".join(describe(o) for o in objects)
 
 
+def parse_caption(caption: str) -> list[SceneObject] | None:
+    """The objects a synthetic-style caption asks for (words only: cx/cy/radius stay 0), or None when the caption
+    is not exactly of the form :func:`caption_for` writes ("a large red circle on the left and a small ...")."""
+    phrases = {phrase: position for position, phrase in POSITION_PHRASES.items()}
+    objects = []
+    for part in caption.strip().lower().split(" and "):
+        words = part.split()
+        if len(words) < 5 or words[0] != "a":
+            return None
+        size, colour, shape, phrase = words[1], words[2], words[3], " ".join(words[4:])
+        if size not in SIZES or colour not in COLOURS or shape not in SHAPES or phrase not in phrases:
+            return None
+        objects.append(SceneObject(size, colour, shape, phrases[phrase]))
+    return objects if 1 <= len(objects) <= 2 else None
+
+
 def _pick(rng: np.random.Generator, pool: list[tuple[str, str, str, str]], taken: set[str]):
     options = [t for t in pool if t[3] not in taken]
     return options[int(rng.integers(len(options)))]
