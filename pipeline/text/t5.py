@@ -1,7 +1,10 @@
 """Frozen T5 encoder and its tokenizer, loaded with transformers from a local directory or a hub name.
 
-Real runs point `path` at a T5 (v1.1 / flan) checkpoint directory or hub id such as ``google/t5-v1_1-xxl``;
-tests and the CPU demo use :func:`write_tiny_t5`, a tiny random encoder with a word-level Unigram vocabulary.
+Real runs point `path` at a T5 (v1.1 / flan) checkpoint directory or hub id such as ``google/t5-v1_1-xxl``.
+``path: tiny`` builds a tiny random encoder in memory, needing no file: a fixed word-level Unigram vocabulary
+(the synthetic dataset's words and common English words, with single characters as fallback so any caption
+tokenizes) and weights drawn from a fixed seed, identical in every process. :func:`write_tiny_t5` writes the same
+kind of model to a folder that transformers' own loaders read (tests of the real loading path, precompute).
 
 Shapes: captions list[str] (B) -> input_ids int64 (B, L), attention_mask bool (B, L) (True = real token),
 embeddings (B, L, d_model) with padded positions zeroed.
@@ -23,16 +26,60 @@ from pipeline.errors import ConfigError
 class T5EncoderConfig:
     """Which frozen T5 encoder conditions a stage."""
 
-    path: str = doc("", "Local directory (config.json, weights, tokenizer files) or hub id of a T5 encoder.")
+    path: str = doc("", "Local directory (config.json, weights, tokenizer files) or hub id of a T5 encoder "
+                        "(e.g. google/t5-v1_1-xxl, google/flan-t5-xl); 'tiny' builds a tiny random T5 in memory "
+                        "from a fixed vocabulary and seed (tests, CPU demo).")
     max_length: int = doc(64, "Tokens per caption (truncated / padded to this length).")
 
     def __post_init__(self) -> None:
         check(self.max_length > 0, "max_length", f"must be > 0, got {self.max_length}")
 
 
+TINY = "tiny"
+TINY_SEED = 0
+TINY_DIMS = {"d_model": 32, "layers": 2, "heads": 2}
+_ENGLISH = ("a an the and or of on in at to with without near next beside above below under over left right top "
+            "bottom center middle corner small large big tiny huge little one two three some many is are this that "
+            "photo picture image drawing painting of dark light bright background shape object").split()
+
+
+def tiny_words() -> list[str]:
+    """The tiny T5's whole-word vocabulary: every word of the synthetic captions plus common English words."""
+    from pipeline.data.synthetic import COLOURS, POSITION_PHRASES, SHAPES, SIZES
+
+    phrases = " ".join(POSITION_PHRASES.values()).split()
+    return sorted({*COLOURS, *SHAPES, *SIZES, *phrases, *_ENGLISH})
+
+
+def tiny_tokenizer(words: Iterable[str]):
+    """A T5 tokenizer whose Unigram vocabulary holds T5's special tokens, one '▁word' piece per word and single
+    characters as fallback (so any caption tokenizes without unknown tokens)."""
+    from transformers import T5Tokenizer
+
+    pieces = sorted({w.lower() for w in words})
+    chars = sorted({c for w in pieces for c in w} | set("abcdefghijklmnopqrstuvwxyz0123456789"))
+    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁", -2.0)]
+    vocab += [(f"▁{w}", -1.0) for w in pieces] + [(c, -5.0) for c in chars] + [(f"▁{c}", -6.0) for c in chars]
+    return T5Tokenizer(vocab=vocab, extra_ids=0)
+
+
+def tiny_encoder(vocab_size: int, *, d_model: int, layers: int, heads: int, seed: int):
+    """A random T5EncoderModel drawn from `seed` without touching the caller's RNG streams (same weights in every
+    process, and training randomness is not shifted by building it)."""
+    from transformers import T5Config, T5EncoderModel
+
+    config = T5Config(vocab_size=vocab_size, d_model=d_model, d_kv=d_model // heads, d_ff=2 * d_model,
+                      num_layers=layers, num_heads=heads, feed_forward_proj="gated-gelu", is_encoder_decoder=False)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return T5EncoderModel(config).eval()
+
+
 def _load_tokenizer(path: str):
     from transformers import AutoTokenizer
 
+    if path == TINY:
+        return tiny_tokenizer(tiny_words())
     try:
         return AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError) as exc:
@@ -68,11 +115,14 @@ class FrozenT5Encoder(nn.Module):
         from transformers import T5EncoderModel
 
         if not cfg.path:
-            raise ConfigError("T5 encoder path is empty: set it to a T5 checkpoint directory or hub id")
-        try:
-            self.encoder = T5EncoderModel.from_pretrained(cfg.path)
-        except (OSError, ValueError) as exc:
-            raise ConfigError(f"cannot load a T5 encoder from {cfg.path!r}: {str(exc).splitlines()[0]}") from None
+            raise ConfigError("T5 encoder path is empty: set it to a T5 checkpoint directory, a hub id or 'tiny'")
+        if cfg.path == TINY:
+            self.encoder = tiny_encoder(len(_load_tokenizer(TINY)), seed=TINY_SEED, **TINY_DIMS)
+        else:
+            try:
+                self.encoder = T5EncoderModel.from_pretrained(cfg.path)
+            except (OSError, ValueError) as exc:
+                raise ConfigError(f"cannot load a T5 encoder from {cfg.path!r}: {str(exc).splitlines()[0]}") from None
         self.tokenize = T5Tokenize(cfg.path, cfg.max_length)
         self.dim = int(self.encoder.config.d_model)
 
@@ -92,23 +142,10 @@ class FrozenT5Encoder(nn.Module):
 
 def write_tiny_t5(out_dir: str | Path, words: Iterable[str], *, d_model: int = 32, layers: int = 2, heads: int = 2,
                   seed: int = 0) -> Path:
-    """Write a tiny random T5 encoder + word-level T5 tokenizer that `FrozenT5Encoder` loads (tests, CPU demo).
-
-    The vocabulary holds T5's special tokens, one '▁word' piece per word and single characters as fallback,
-    so any caption tokenizes without unknown tokens for the given words.
-    """
-    from transformers import T5Config, T5EncoderModel, T5Tokenizer
-
+    """Write a tiny random T5 encoder + word-level T5 tokenizer that `FrozenT5Encoder` loads from the folder
+    (tests of the real loading path, precompute); see :func:`tiny_tokenizer` for the vocabulary."""
     out = Path(out_dir)
-    pieces = sorted({w.lower() for w in words})
-    chars = sorted({c for w in pieces for c in w} | set("abcdefghijklmnopqrstuvwxyz0123456789"))
-    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁", -2.0)]
-    vocab += [(f"▁{w}", -1.0) for w in pieces] + [(c, -5.0) for c in chars] + [(f"▁{c}", -6.0) for c in chars]
-    tokenizer = T5Tokenizer(vocab=vocab, extra_ids=0)
-    torch.manual_seed(seed)
-    config = T5Config(vocab_size=len(tokenizer), d_model=d_model, d_kv=d_model // heads, d_ff=2 * d_model,
-                      num_layers=layers, num_heads=heads, feed_forward_proj="gated-gelu", is_encoder_decoder=False)
-    model = T5EncoderModel(config).eval()
-    model.save_pretrained(out)
+    tokenizer = tiny_tokenizer(words)
+    tiny_encoder(len(tokenizer), d_model=d_model, layers=layers, heads=heads, seed=seed).save_pretrained(out)
     tokenizer.save_pretrained(out)
     return out

@@ -44,3 +44,21 @@ def test_missing_checkpoint_is_a_config_error(tmp_path):
         FrozenT5Encoder(T5EncoderConfig(path=str(tmp_path / "nope")))
     with pytest.raises(ConfigError, match="path is empty"):
         FrozenT5Encoder(T5EncoderConfig(path=""))
+
+
+def test_tiny_t5_needs_no_file_is_deterministic_and_leaves_the_rng_alone():
+    torch.manual_seed(123)
+    before = torch.get_rng_state()
+    a = FrozenT5Encoder(T5EncoderConfig(path="tiny", max_length=12))
+    assert torch.equal(torch.get_rng_state(), before)  # building it must not shift training randomness
+    b = FrozenT5Encoder(T5EncoderConfig(path="tiny", max_length=12))
+    for (name, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items()):
+        assert torch.equal(x, y), name
+    captions = ["a large red circle on the left", "zebra crossing 42 ünïcode"]  # unknown words: characters
+    tokens = a.tokenize(captions)
+    unk = a.tokenize._tokenizer.unk_token_id
+    assert tokens["t5_mask"][0].sum() == 8 and not (tokens["t5_ids"][tokens["t5_mask"]] == unk).all()
+    assert (tokens["t5_ids"][0][tokens["t5_mask"][0]] != unk).all()
+    emb, mask = a.encode(captions)
+    assert emb.shape == (2, 12, a.dim) and torch.all(emb[~mask] == 0)
+    torch.testing.assert_close(emb, b.encode(captions)[0], rtol=0, atol=0)
