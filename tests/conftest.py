@@ -14,3 +14,19 @@ if not torch.cuda.is_available():
 # Test modules import open_clip/torchvision directly; the package import applies the CPU-torch compatibility
 # fix (pipeline.compat) first, as every entry point of the project does.
 import pipeline  # noqa: E402,F401
+
+
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+
+from pipeline.data.synthetic import write_synthetic_shards  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def shards(tmp_path_factory) -> Path:
+    """Real synthetic WebDataset shards at 16 px, built once: train (8 x 24 samples) and heldout (2 x 16)."""
+    root = tmp_path_factory.mktemp("train_shards")
+    write_synthetic_shards(root / "train", 192, 24, 16, 0, "train", "png")
+    write_synthetic_shards(root / "heldout", 32, 16, 16, 1, "heldout", "png")
+    return root

@@ -27,7 +27,7 @@ What `models` holds (Trainer contract): in ``training_step(models, ..., part)`` 
 engine and every other part is its plain module with ``requires_grad`` switched off for the duration of the call,
 so a generator loss that runs through the discriminator neither accumulates discriminator gradients nor fires
 that engine's backward hooks. In ``evaluate`` and ``sample_images`` every part is its plain module (eval mode,
-no grad). Under ZeRO-3 the plain modules still gather their partitioned parameters in forward, which is
+no grad, with its EMA weights applied when the run keeps an EMA: what export will ship). Under ZeRO-3 the plain modules still gather their partitioned parameters in forward, which is
 collective: every rank must run the same forward passes. The Trainer hands ``evaluate`` batches in lockstep
 (a batch only while every rank has one), so a stage just iterates what it is given.
 Batches: the Trainer applies ``pipeline.data.spec.normalize_batch`` to every training and evaluation batch, so
@@ -113,9 +113,11 @@ class Stage:
         """Held-out metrics on this rank's share of the eval split, as (sum, count) per metric."""
         return {}
 
-    def sample_images(self, models: Mapping[str, nn.Module], frozen: Mapping[str, nn.Module],
-                      seed: int) -> torch.Tensor | None:
-        """A few generated images (N, 3, H, W) in [0, 1] for the periodic sample grid; None if not generative."""
+    def sample_images(self, models: Mapping[str, nn.Module], frozen: Mapping[str, nn.Module], seed: int,
+                      batch: dict | None = None) -> torch.Tensor | None:
+        """A few generated images (N, 3, H, W) in [0, 1] for the periodic sample grid; None if not generative.
+        `batch`: this rank's first held-out batch (normalised like evaluation batches; its prompts and images are
+        what the grid shows), or None when the run has no data.eval_urls."""
         return None
 
     def component_name(self) -> str:

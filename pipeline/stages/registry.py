@@ -13,6 +13,7 @@ from pipeline.errors import ConfigError
 
 STAGES: dict[str, str] = {
     "clip": "pipeline.stages.clip:ClipStage",
+    "unet": "pipeline.stages.unet:UNetStage",
 }
 
 

@@ -18,7 +18,8 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -52,6 +53,26 @@ class EMA:
         current = [_local_view(p).detach().float() for p in self.params]
         torch._foreach_lerp_(self.shadow, current, 1.0 - self.decay)
 
+    @contextmanager
+    def applied(self) -> Iterator[None]:
+        """The EMA weights in the module for the duration (evaluation, sample grids); the exact trained weights
+        afterwards. Collective under ZeRO-3 (persistent parameters are re-gathered): every rank must enter."""
+        views = [_local_view(p) for p in self.params]
+        backup = [v.detach().clone() for v in views]
+        self._write(views, self.shadow)
+        try:
+            yield
+        finally:
+            self._write(views, backup)
+
+    def _write(self, views: list[torch.Tensor], values: list[torch.Tensor]) -> None:
+        with torch.no_grad():
+            for view, value in zip(views, values):
+                view.copy_(value)
+        partitioned = [p for p in self.params if hasattr(p, "ds_tensor")]
+        if partitioned:
+            _refresh_gathered(partitioned)
+
     def state(self) -> dict[str, torch.Tensor]:
         """This rank's shadow tensors by parameter name (CPU, contiguous: ready for safetensors)."""
         return {n: t.detach().cpu().contiguous() for n, t in zip(self.names, self.shadow)}
@@ -68,6 +89,20 @@ class EMA:
                 raise CheckpointError(f"{source}: EMA tensor {name!r} has shape {tuple(state[name].shape)}, "
                                       f"the model needs {tuple(self.shadow[i].shape)}")
             self.shadow[i].copy_(state[name].to(self.shadow[i].device, torch.float32))
+
+
+def _refresh_gathered(params: list[nn.Parameter]) -> None:
+    """After ZeRO-3 partitions were overwritten: drop gathered copies that are now stale and re-gather the small
+    ("persistent") parameters, which ZeRO-3 keeps gathered in .data between forwards and otherwise refreshes only
+    after an optimizer step (its _post_step does the same). Collective: every rank calls it."""
+    from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+
+    available = [p for p in params if p.ds_status == ZeroParamStatus.AVAILABLE]
+    if available:
+        available[0].partition(available)  # frees .data only: the partition (just written) is kept as it is
+    persistent = [p for p in params if p.ds_persist]
+    if persistent:
+        persistent[0].all_gather(persistent)
 
 
 def ema_filename(part: str, rank: int | None) -> str:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Iterable, Iterator
+from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -235,23 +236,29 @@ class Trainer:
         record.update({k: s / c for k, (s, c) in totals.items() if c > 0 and k not in record})
         return record
 
-    def _plain_models(self, training: bool) -> dict[str, torch.nn.Module]:
-        """The parts' plain modules in train/eval mode (evaluation and sampling never go through an engine)."""
+    @contextmanager
+    def _inference_models(self) -> Iterator[dict[str, torch.nn.Module]]:
+        """The parts' plain modules in eval mode with their EMA weights applied (when train.ema_decay > 0), for
+        evaluation and sample grids, which never go through an engine; training weights and mode restored after.
+        Entered by every rank (applying a ZeRO-3 EMA is collective)."""
         for part in self.parts.values():
-            part.module.train(training)
-        return {name: part.module for name, part in self.parts.items()}
+            part.module.eval()
+        try:
+            with ExitStack() as stack:
+                for ema in self.emas.values():
+                    stack.enter_context(ema.applied())
+                yield {name: part.module for name, part in self.parts.items()}
+        finally:
+            for part in self.parts.values():
+                part.module.train()
 
     def _evaluate(self) -> dict[str, float]:
         """stage.evaluate on this rank's share; (sum, count) pairs reduced over ranks into means."""
         assert self.eval_loader is not None  # built at start-up whenever data.eval_urls is set
         batches = (normalize_batch(b, self.spec, self.dist.device, self.precision.dtype)
                    for b in self._lockstep(self.eval_loader))
-        models = self._plain_models(False)
-        try:
-            with rng.isolated(), torch.no_grad():
-                sums = self.stage.evaluate(models, self.frozen, batches)
-        finally:
-            self._plain_models(True)
+        with self._inference_models() as models, rng.isolated(), torch.no_grad():
+            sums = self.stage.evaluate(models, self.frozen, batches)
         totals: dict[str, list[float]] = {}
         for share in self.dist.gather_objects({k: (float(s), float(c)) for k, (s, c) in sums.items()}):
             for key, (s, c) in share.items():
@@ -268,20 +275,29 @@ class Trainer:
         rank holds beyond the shortest share are left out of that evaluation.
         """
         iterator = iter(batches)
-        while True:
-            batch = next(iterator, None)
-            if self.dist.all_reduce([1.0 if batch is None else 0.0], op="max")[0] > 0:
-                return
-            yield batch
+        try:
+            while True:
+                batch = next(iterator, None)
+                if self.dist.all_reduce([1.0 if batch is None else 0.0], op="max")[0] > 0:
+                    return
+                yield batch
+        finally:
+            closer = getattr(iterator, "close", None)
+            if callable(closer):  # a consumer that stops early (the sample grid) also stops the eval workers
+                closer()
 
     def _sample(self, step: int) -> None:
-        """All ranks run the stage's sampler (ZeRO-3 gathers are collective); rank 0 saves the grid."""
-        models = self._plain_models(False)
-        try:
-            with rng.isolated(), torch.no_grad():
-                images = self.stage.sample_images(models, self.frozen, seed=self.cfg.train.seed)
-        finally:
-            self._plain_models(True)
+        """All ranks run the stage's sampler (ZeRO-3 gathers are collective) on their first held-out batch (None
+        without data.eval_urls); rank 0 saves the grid."""
+        batch = None
+        if self.eval_loader is not None:
+            held_out = self._lockstep(self.eval_loader)
+            batch = next(held_out, None)
+            held_out.close()
+        if batch is not None:
+            batch = normalize_batch(batch, self.spec, self.dist.device, self.precision.dtype)
+        with self._inference_models() as models, rng.isolated(), torch.no_grad():
+            images = self.stage.sample_images(models, self.frozen, seed=self.cfg.train.seed, batch=batch)
         if images is not None:
             self.sinks.images(step, images)
 

@@ -155,8 +155,8 @@ class ToyStage(Stage):
             count += pred.shape[0]
         return {"mse": (total, count)}
 
-    def sample_images(self, models: Mapping[str, nn.Module], frozen: Mapping[str, nn.Module],
-                      seed: int) -> torch.Tensor:
+    def sample_images(self, models: Mapping[str, nn.Module], frozen: Mapping[str, nn.Module], seed: int,
+                      batch: dict | None = None) -> torch.Tensor:
         gen = torch.Generator().manual_seed(seed)
         image = torch.rand(4, 3, self.mcfg.image_size, self.mcfg.image_size, generator=gen)
         text = torch.randint(1, VOCAB, (4, LENGTH), generator=gen)

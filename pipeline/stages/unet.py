@@ -1,0 +1,326 @@
+"""The `unet` stage: one class for the base and the super-resolution stages of the cascade.
+
+Base stage: images (pixel space, or latents of a frozen autoencoder) + frozen T5 tokens -> denoising loss, with
+classifier-free-guidance dropout of the text. Super-resolution stage (``model.super_res.low_res > 0``): the batch
+image downsampled to ``low_res`` and brought back to the U-Net's grid is noise-augmented at a random level
+(Imagen), concatenated to the noised input, and the level conditions the U-Net through its class embedding; at
+sampling the level is ``model.super_res.sample_noise_level``.
+
+Evaluation on held-out shards: the denoising loss per timestep bucket, and prompt fidelity of images sampled for
+the held-out captions with and without guidance (synthetic-style captions only; see pipeline/eval/fidelity.py).
+"""
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pipeline.config import Config
+from pipeline.config_schema import check, doc, to_dict
+from pipeline.data.spec import SampleSpec
+from pipeline.diffusion.cascade import SamplingConfig, StageSampler, low_res_input, sample_stage
+from pipeline.diffusion.objective import cfg_drop, diffusion_loss, random_levels
+from pipeline.diffusion.samplers import make_scheduler, scheduler_config
+from pipeline.diffusion.schedules import DiffusionConfig, NoiseSchedule, build_schedule
+from pipeline.errors import ConfigError
+from pipeline.models.attention import ATTENTION_BACKENDS
+from pipeline.models.unet import Conditioning, UNetConfig, build_unet, null_condition, unet_forward
+from pipeline.stages.base import EvalSums, Stage, StageContext, StepOutput
+from pipeline.text.t5 import TINY, FrozenT5Encoder, T5EncoderConfig, T5Tokenize
+
+STAGE_CONFIG = "t2i_stage.json"
+BUCKETS = 4  # timestep buckets of the held-out denoising loss
+
+
+@dataclass(frozen=True)
+class SuperResConfig:
+    """Super-resolution: which low-resolution image this stage upsamples and how it is noise-augmented."""
+
+    low_res: int = doc(0, "Side in pixels of the image this stage upsamples (the previous stage's resolution); "
+                          "0 = a base stage.")
+    max_train_noise_level: float = doc(0.5, "Training draws the augmentation level uniformly in [0, this] "
+                                            "(level l = timestep l*(T-1) of this stage's noise schedule).")
+    sample_noise_level: float = doc(0.2, "Augmentation level of the low-resolution image at sampling (0-1).")
+    level_embed_dim: int = doc(32, "Width of the sinusoidal level features fed to the class embedding.")
+
+    def __post_init__(self) -> None:
+        check(self.low_res >= 0, "model.super_res.low_res", f"must be >= 0, got {self.low_res}")
+        for key in ("max_train_noise_level", "sample_noise_level"):
+            value = getattr(self, key)
+            check(0.0 <= value <= 1.0, f"model.super_res.{key}", f"must be in [0, 1], got {value}")
+        check(self.level_embed_dim >= 2, "model.super_res.level_embed_dim", f"must be >= 2, got {self.level_embed_dim}")
+
+
+@dataclass(frozen=True)
+class UNetStageConfig:
+    """The `model:` section of a `stage: unet` config."""
+
+    name: str = doc("base", "Component name in an export bundle (unet_<name>); e.g. 'base', 'sr64', 'sr256'.")
+    space: Literal["pixel"] = doc("pixel", "Where diffusion runs: 'pixel' (images in [-1, 1]).")
+    unet: UNetConfig = doc(UNetConfig(), "U-Net architecture.")
+    text_encoder: T5EncoderConfig = doc(T5EncoderConfig(path=TINY, max_length=24),
+                                        "Frozen T5 encoder (path: local dir, hub id, or 'tiny').")
+    text_source: Literal["encoder", "precomputed"] = doc(
+        "encoder", "'encoder' runs the frozen T5 on each batch; 'precomputed' reads t5_emb/t5_mask arrays from "
+                   "data.precomputed_urls (python -m pipeline shards precompute --encoder t5:PATH:MAXLEN).")
+    attention: Literal["sdpa", "triton", "xformers"] = doc("sdpa", "Attention kernel of every U-Net attention.")
+    diffusion: DiffusionConfig = doc(DiffusionConfig(), "Noise schedule, training target and loss weighting.")
+    cond_drop_prob: float = doc(0.1, "Probability that a sample's text is replaced by the null condition "
+                                     "(classifier-free guidance training).")
+    super_res: SuperResConfig = doc(SuperResConfig(), "Super-resolution settings (low_res 0 = base stage).")
+    sampling: SamplingConfig = doc(SamplingConfig(), "Default sampling settings (grids, evaluation, export).")
+    eval_prompts: int = doc(64, "Held-out captions per evaluation whose samples are scored for prompt fidelity "
+                                "(per run, in evaluation batches; 0 = off).")
+    grid_images: int = doc(16, "Images in the periodic sample grid (held-out prompts).")
+
+    def __post_init__(self) -> None:
+        check(bool(self.name) and self.name.replace("_", "").isalnum(), "model.name",
+              f"must be a non-empty identifier (letters, digits, _), got {self.name!r}")
+        check(self.attention in ATTENTION_BACKENDS, "model.attention", f"must be one of {ATTENTION_BACKENDS}")
+        check(0.0 <= self.cond_drop_prob < 1.0, "model.cond_drop_prob", f"must be in [0, 1), got {self.cond_drop_prob}")
+        check(self.eval_prompts >= 0 and self.grid_images >= 0, "model.eval_prompts",
+              "eval_prompts and grid_images must be >= 0")
+
+
+def _is_local(path: str) -> bool:
+    """A path (not 'tiny' and not a hub id such as 'google/t5-v1_1-xxl') that must exist on disk."""
+    if path == TINY:
+        return False
+    parts = path.split("/")
+    looks_like_hub_id = len(parts) == 2 and all(parts) and not path.startswith((".", "~")) and not Path(path).exists()
+    return not looks_like_hub_id
+
+
+class UNetStage(Stage):
+    """Trains one part, "unet": a diffusers UNet2DConditionModel (see pipeline/models/unet.py for its inputs)."""
+
+    name = "unet"
+    model_config_cls = UNetStageConfig
+
+    def __init__(self, cfg: Config, ctx: StageContext) -> None:
+        super().__init__(cfg, ctx)
+        self.mcfg: UNetStageConfig = cfg.model
+        self.resolution = cfg.data.resolution
+        sr = self.mcfg.super_res
+        levels = len(self.mcfg.unet.channel_mult)
+        if self.resolution % 2 ** (levels - 1):
+            raise ConfigError(f"data.resolution ({self.resolution}) must be divisible by 2^{levels - 1} for "
+                              f"{levels} U-Net levels (model.unet.channel_mult)")
+        if sr.low_res and not sr.low_res < self.resolution:
+            raise ConfigError(f"model.super_res.low_res ({sr.low_res}) must be smaller than data.resolution "
+                              f"({self.resolution}): a super-resolution stage upsamples")
+        self.schedule: NoiseSchedule = build_schedule(self.mcfg.diffusion, self.resolution)
+        make_scheduler(self.schedule, self.mcfg.sampling.sampler)  # sampler settings that cannot work fail now
+        self.grid = (3, self.resolution, self.resolution)
+        self.t5_dim: int | None = None  # known once the T5 (or the first precomputed batch) is seen
+
+    # ------------------------------------------------------------------------------------------ build
+    def sample_spec(self) -> SampleSpec:
+        t5 = self.mcfg.text_encoder
+        if self.mcfg.text_source == "precomputed":
+            return SampleSpec(image_size=self.resolution, precomputed=("t5_emb", "t5_mask"))
+        return SampleSpec(image_size=self.resolution, tokenize=T5Tokenize(t5.path, t5.max_length))
+
+    def input_paths(self) -> dict[str, str]:
+        path = self.mcfg.text_encoder.path  # also read with precomputed text: its config gives the T5 width
+        return {"model.text_encoder.path": path} if _is_local(path) else {}
+
+    def conditioning(self, text_dim: int) -> Conditioning:
+        sr = self.mcfg.super_res
+        return Conditioning(text_dim=text_dim, pooled_text=self.mcfg.unet.pooled_text,
+                            level_dim=sr.level_embed_dim if sr.low_res else 0,
+                            low_res_channels=3 if sr.low_res else 0)
+
+    def _text_dim(self) -> int:
+        if self.t5_dim is None:
+            self.t5_dim = text_encoder_dim(self.mcfg.text_encoder)
+        return self.t5_dim
+
+    def build_trainable(self) -> dict[str, nn.Module]:
+        from pipeline.models.diffusers_attention import install_attention
+
+        unet = build_unet(self.mcfg.unet, sample_size=self.grid[1], in_channels=self.grid[0],
+                          out_channels=self.grid[0], cond=self.conditioning(self._text_dim()))
+        install_attention(unet, self.mcfg.attention)
+        if self.cfg.train.activation_checkpointing:
+            unet.enable_gradient_checkpointing()
+        return {"unet": unet}
+
+    def build_frozen(self) -> dict[str, nn.Module]:
+        if self.mcfg.text_source == "precomputed":
+            return {}
+        return {"t5": FrozenT5Encoder(self.mcfg.text_encoder)}
+
+    # ----------------------------------------------------------------------------------------- inputs
+    def _text(self, frozen: Mapping[str, nn.Module], batch: dict) -> dict[str, torch.Tensor]:
+        """{"text": (B, L, D) compute dtype, zero at padding, "mask": (B, L) bool} on the device."""
+        device, dtype = self.ctx.device, self.ctx.compute_dtype
+        if self.mcfg.text_source == "precomputed":
+            mask = batch["t5_mask"].to(device, non_blocking=True)
+            text = batch["t5_emb"].to(device, non_blocking=True).to(dtype) * mask[..., None].to(dtype)
+        else:
+            mask = batch["t5_mask"].to(device, non_blocking=True)
+            text = frozen["t5"](batch["t5_ids"].to(device, non_blocking=True), mask).to(dtype)
+        return {"text": text, "mask": mask}
+
+    def _low_res(self, images: torch.Tensor) -> torch.Tensor:
+        """The batch images (B, 3, R, R) downsampled to the low resolution (antialiased bicubic, like the loader's
+        PIL resize that made the previous stage's training images)."""
+        low = self.mcfg.super_res.low_res
+        return F.interpolate(images.float(), size=(low, low), mode="bicubic", antialias=True,
+                             align_corners=False).clamp(-1.0, 1.0)
+
+    def _inputs(self, frozen: Mapping[str, nn.Module], batch: dict, train: bool) -> dict[str, torch.Tensor]:
+        inputs = self._text(frozen, batch)
+        images = batch["image"]
+        if self.mcfg.super_res.low_res:
+            sr = self.mcfg.super_res
+            batch_size = images.shape[0]
+            level = (random_levels(batch_size, sr.max_train_noise_level, self.ctx.device) if train
+                     else torch.full((batch_size,), sr.sample_noise_level, device=self.ctx.device))
+            inputs["low_res"] = low_res_input(self._low_res(images), self.sampler(None), level).to(images.dtype)
+            inputs["level"] = level
+        return inputs
+
+    # ----------------------------------------------------------------------------------------- train
+    def training_step(self, models: Mapping[str, nn.Module], frozen: Mapping[str, nn.Module], batch: dict,
+                      part: str) -> StepOutput:
+        unet = models[part]
+        x0 = batch["image"]
+        inputs = self._inputs(frozen, batch, train=True)
+        drop = cfg_drop(x0.shape[0], self.mcfg.cond_drop_prob, self.ctx.device)
+        inputs = null_condition(inputs, drop, keys=("text",))
+        cond = self.conditioning(inputs["text"].shape[-1])
+        out = diffusion_loss(lambda x_t, t: unet_forward(unet, cond, x_t, t, inputs), x0, self.schedule,
+                             self.mcfg.diffusion)
+        return StepOutput(out.loss, {"mse": out.per_sample.detach().mean()})
+
+    # ---------------------------------------------------------------------------------------- sample
+    def sampler(self, unet: nn.Module | None, settings: SamplingConfig | None = None) -> StageSampler:
+        """This stage as a :class:`StageSampler` around `unet` (None: only its schedule/grid are used)."""
+        sr = self.mcfg.super_res
+        return StageSampler(name=self.mcfg.name, unet=unet, cond=self.conditioning(self._text_dim()),
+                            schedule=self.schedule, target=self.mcfg.diffusion.target, resolution=self.resolution,
+                            grid=self.grid, defaults=settings or self.mcfg.sampling, low_res=sr.low_res,
+                            sample_noise_level=sr.sample_noise_level)
+
+    def _sample_for(self, unet: nn.Module, frozen: Mapping[str, nn.Module], batch: dict, guidance: float,
+                    seed: int) -> torch.Tensor:
+        """Images (B, 3, R, R) in [-1, 1] for the batch's captions (and low-res images for super-resolution)."""
+        inputs = self._text(frozen, batch)
+        if self.mcfg.super_res.low_res:
+            inputs["images"] = self._low_res(batch["image"])
+        settings = SamplingConfig(sampler=self.mcfg.sampling.sampler, guidance=guidance,
+                                  guidance_rescale=self.mcfg.sampling.guidance_rescale,
+                                  dynamic_threshold=self.mcfg.sampling.dynamic_threshold)
+        return sample_stage(self.sampler(unet), inputs, settings=settings, seed=seed)
+
+    def sample_images(self, models: Mapping[str, nn.Module], frozen: Mapping[str, nn.Module], seed: int,
+                      batch: dict | None = None) -> torch.Tensor | None:
+        if batch is None or not self.mcfg.grid_images:
+            return None
+        batch = _head(batch, self.mcfg.grid_images)
+        images = self._sample_for(models["unet"], frozen, batch, self.mcfg.sampling.guidance, seed)
+        rows = [images]
+        if self.mcfg.super_res.low_res:  # low-res input | output | real, side by side per image
+            low = F.interpolate(self._low_res(batch["image"]), size=images.shape[-2:], mode="nearest")
+            rows = [low, images, batch["image"].float()]
+        grid = torch.stack(rows, dim=1).flatten(0, 1)
+        return ((grid + 1.0) / 2.0).clamp(0, 1).cpu()
+
+    # -------------------------------------------------------------------------------------- evaluate
+    def evaluate(self, models: Mapping[str, nn.Module], frozen: Mapping[str, nn.Module],
+                 batches: Iterable[dict]) -> EvalSums:
+        unet = models["unet"]
+        sums: dict[str, list[float]] = {}
+        prompts_left = self.mcfg.eval_prompts // max(1, self.ctx.world_size)
+        for index, batch in enumerate(batches):
+            self._add(sums, self._bucket_losses(unet, frozen, batch, index))
+            if prompts_left > 0:
+                head = _head(batch, prompts_left)
+                prompts_left -= len(head["caption"])
+                from pipeline.eval.fidelity import prompt_fidelity_sums
+
+                for suffix, guidance in (("", self.mcfg.sampling.guidance), ("_no_guidance", 1.0)):
+                    images = self._sample_for(unet, frozen, head, guidance, seed=index)
+                    found = prompt_fidelity_sums(images, head["caption"])
+                    self._add(sums, {f"fidelity_{k}{suffix}": v for k, v in found.items()})
+        return {key: (s, c) for key, (s, c) in sums.items()}
+
+    def _bucket_losses(self, unet: nn.Module, frozen: Mapping[str, nn.Module], batch: dict,
+                       index: int) -> dict[str, tuple[float, float]]:
+        """Unweighted denoising MSE per timestep bucket, with noise and timesteps fixed by the batch index (so
+        successive evaluations compare like with like)."""
+        gen = torch.Generator(device=self.ctx.device).manual_seed(index)
+        inputs = self._inputs(frozen, batch, train=False)
+        cond = self.conditioning(inputs["text"].shape[-1])
+        out = diffusion_loss(lambda x_t, t: unet_forward(unet, cond, x_t, t, inputs), batch["image"],
+                             self.schedule, self.mcfg.diffusion, generator=gen)
+        width = self.schedule.num_timesteps / BUCKETS
+        result = {"loss": (float(out.per_sample.sum()), float(out.per_sample.numel()))}
+        bucket = (out.t.float() / width).long().clamp(max=BUCKETS - 1)
+        for b in range(BUCKETS):
+            chosen = out.per_sample[bucket == b]
+            lo, hi = int(b * width), int((b + 1) * width) - 1
+            result[f"loss_t{lo:04d}-{hi:04d}"] = (float(chosen.sum()), float(chosen.numel()))
+        return result
+
+    @staticmethod
+    def _add(sums: dict[str, list[float]], values: Mapping[str, tuple[float, float]]) -> None:
+        for key, (s, c) in values.items():
+            acc = sums.setdefault(key, [0.0, 0.0])
+            acc[0] += s
+            acc[1] += c
+
+    # ---------------------------------------------------------------------------------------- export
+    def component_name(self) -> str:
+        return f"unet_{self.mcfg.name}"
+
+    def export(self, modules: Mapping[str, nn.Module], out_dir: Path) -> None:
+        """A diffusers folder: the U-Net's save_pretrained (config.json + safetensors), its scheduler config, and
+        t2i_stage.json with what a sampler needs to condition it (our convention, pipeline/models/unet.py)."""
+        unet = modules["unet"]
+        unet.save_pretrained(str(out_dir), safe_serialization=True)
+        mcfg = self.mcfg
+        scheduler = scheduler_config(self.schedule, mcfg.sampling.sampler, target=mcfg.diffusion.target)
+        (out_dir / "scheduler").mkdir(parents=True, exist_ok=True)
+        (out_dir / "scheduler" / "scheduler_config.json").write_text(json.dumps(scheduler, indent=2) + "\n")
+        stage = {"name": mcfg.name, "space": mcfg.space, "resolution": self.resolution, "grid": list(self.grid),
+                 "conditioning": self.conditioning(self._text_dim()).__dict__, "model": to_dict(mcfg)}
+        (out_dir / STAGE_CONFIG).write_text(json.dumps(stage, indent=2) + "\n", encoding="utf-8")
+
+
+# d_model of the public T5 encoders, so a config naming one by hub id is understood offline (no download just to
+# size the U-Net; loading the encoder itself still needs the weights).
+KNOWN_T5_WIDTHS = {"t5-v1_1-small": 512, "t5-v1_1-base": 768, "t5-v1_1-large": 1024, "t5-v1_1-xl": 2048,
+                   "t5-v1_1-xxl": 4096, "flan-t5-small": 512, "flan-t5-base": 768, "flan-t5-large": 1024,
+                   "flan-t5-xl": 2048, "flan-t5-xxl": 4096}
+
+
+def text_encoder_dim(cfg: T5EncoderConfig) -> int:
+    """d_model of a T5 encoder config without loading its weights."""
+    from pipeline.text.t5 import TINY_DIMS
+
+    if cfg.path == TINY:
+        return TINY_DIMS["d_model"]
+    known = KNOWN_T5_WIDTHS.get(cfg.path.rstrip("/").split("/")[-1])
+    if known is not None and not Path(cfg.path).exists():
+        return known
+    from transformers import AutoConfig
+
+    try:
+        return int(AutoConfig.from_pretrained(cfg.path).d_model)
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"model.text_encoder.path: cannot read a T5 config from {cfg.path!r}: "
+                          f"{str(exc).splitlines()[0]}") from None
+
+
+def _head(batch: dict, n: int) -> dict:
+    """The first `n` samples of a batch (tensors and lists)."""
+    return {k: v[:n] for k, v in batch.items()}
