@@ -39,7 +39,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import ClassVar, NamedTuple
+from typing import Any, ClassVar, NamedTuple
 
 import torch
 from torch import nn
@@ -124,6 +124,14 @@ class Stage:
         """Folder name of this stage's component inside an export bundle (e.g. 'clip', 'unet_base')."""
         return self.name
 
-    def export(self, modules: Mapping[str, nn.Module], out_dir: Path) -> None:
-        """Write the consolidated (full, unsharded, EMA-applied) `modules` as a bundle component in `out_dir`."""
+    def export(self, modules: Mapping[str, nn.Module], out_dir: Path) -> dict[str, Any] | None:
+        """Write the consolidated (full, unsharded, EMA-applied, already cast to the export dtype) `modules` as a
+        bundle component in `out_dir`; return what the bundle index should say about it beyond the generic
+        fields (e.g. a U-Net stage's resolution and default sampling settings), or None."""
         raise NotImplementedError
+
+    def export_helpers(self, bundle: Path, dtype: torch.dtype, reference: bool) -> dict[str, dict[str, Any]]:
+        """Write the frozen helpers a sampler of this component needs (e.g. the T5 of a U-Net stage) as bundle
+        components of their own and return their index entries; `reference`: index large helpers by their
+        original path instead of copying them."""
+        return {}

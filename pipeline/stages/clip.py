@@ -92,8 +92,7 @@ class ClipStage(Stage):
     def export(self, modules: Mapping[str, nn.Module], out_dir: Path) -> None:
         """Write an open_clip ``local-dir:`` folder: open_clip_config.json + open_clip_model.safetensors."""
         out_dir.mkdir(parents=True, exist_ok=True)
-        state = {k: (v.float() if v.is_floating_point() else v).detach().cpu().contiguous()
-                 for k, v in modules["model"].state_dict().items()}
+        state = {k: v.detach().cpu().contiguous() for k, v in modules["model"].state_dict().items()}
         save_file(state, str(out_dir / OPEN_CLIP_WEIGHTS), metadata={"format": "pt"})
         config = {"model_cfg": self.model_cfg, "preprocess_cfg": preprocess_cfg(self.model_cfg),
                   "t2i_pipeline": {"stage": self.name, "arch": self.mcfg.arch, "loss": self.mcfg.loss}}

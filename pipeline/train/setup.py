@@ -22,6 +22,7 @@ from pipeline.stages.registry import stage_class
 from pipeline.train.backend import Dist, Part, make_part
 from pipeline.train.ds_config import Precision, build_deepspeed_config
 from pipeline.train.ema import EMA
+from pipeline.train.weights import consolidated_weights, load_strict, resolve_checkpoint  # noqa: F401  TEMP: load_strict re-exported
 
 log = logging.getLogger(__name__)
 
@@ -64,8 +65,6 @@ def freeze(frozen: Mapping[str, nn.Module], device: torch.device, dtype: torch.d
 
 def init_checkpoint(source: str) -> Path:
     """The complete checkpoint ckpt.init_from names (a run dir or a checkpoint dir); one-line error otherwise."""
-    from pipeline.export import resolve_checkpoint
-
     path = Path(source)
     if (path / "bundle.json").is_file():
         raise PipelineError(f"ckpt.init_from={source}: initialising from an export bundle is not supported; point "
@@ -77,29 +76,11 @@ def init_checkpoint(source: str) -> Path:
 
 def load_initial_weights(trainable: Mapping[str, nn.Module], source: str) -> None:
     """ckpt.init_from: strict full-weight load of every part from a checkpoint (EMA weights when present)."""
-    from pipeline.export import consolidated_weights
-
     ckpt = init_checkpoint(source)
     for name, module in trainable.items():
         state = consolidated_weights(ckpt, name, use_ema=True)
         load_strict(module, state, f"{ckpt} part {name!r}")
     log.info("initialised weights from %s", ckpt)
-
-
-def load_strict(module: nn.Module, state: Mapping[str, torch.Tensor], source: str) -> None:
-    """load_state_dict(strict=True) with shape checks, as a CheckpointError naming the keys on mismatch."""
-    own = module.state_dict()
-    missing = sorted(set(own) - set(state))
-    unexpected = sorted(set(state) - set(own))
-    if missing or unexpected:
-        raise CheckpointError(f"{source}: weights do not match the model: missing {missing[:5]}"
-                              f"{'...' if len(missing) > 5 else ''}, unexpected {unexpected[:5]}"
-                              f"{'...' if len(unexpected) > 5 else ''}")
-    for key, tensor in state.items():
-        if tuple(tensor.shape) != tuple(own[key].shape):
-            raise CheckpointError(f"{source}: {key} has shape {tuple(tensor.shape)} in the checkpoint, "
-                                  f"{tuple(own[key].shape)} in the model")
-    module.load_state_dict({k: v.to(own[k].dtype) for k, v in state.items()}, strict=True)
 
 
 @dataclass

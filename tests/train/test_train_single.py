@@ -60,7 +60,7 @@ def test_run_writes_metrics_config_samples_and_checkpoints(finished, shards):
 def test_export_bundle_loads_strictly_and_merges(finished, tmp_path):
     bundle = tmp_path / "bundle"
     bundle.mkdir()
-    (bundle / "bundle.json").write_text(json.dumps({"format_version": 1, "components": {"clip": {"stage": "clip"}}}))
+    (bundle / "bundle.json").write_text(json.dumps({"format_version": 2, "components": {"clip": {"kind": "clip"}}}))
     assert main(["export", str(finished), "--out", str(bundle)]) == 0
     index = json.loads((bundle / "bundle.json").read_text())
     assert set(index["components"]) == {"clip", "toy"} and index["components"]["toy"]["ema"] is True
@@ -78,7 +78,7 @@ def test_export_bundle_loads_strictly_and_merges(finished, tmp_path):
 def test_export_of_run_without_checkpoint_fails_clearly(tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     assert main(["export", str(tmp_path / "empty"), "--out", str(tmp_path / "b")]) == 1
-    assert "no complete checkpoint to export" in capsys.readouterr().err
+    assert "no complete checkpoint" in capsys.readouterr().err
 
 
 def test_resume_never_refuses_a_run_dir_with_checkpoints(finished, shards):
