@@ -25,7 +25,7 @@ from pipeline.diffusion.schedules import NoiseSchedule
 from pipeline.errors import UsageError
 from pipeline.models.unet import Conditioning, null_condition, unet_forward
 
-TextEncoder = Callable[[list[str]], tuple[torch.Tensor, torch.Tensor]]
+TextEncoder = Callable[[list[str], "StageSampler"], tuple[torch.Tensor, torch.Tensor]]
 Progress = Callable[[int, int], None]
 
 
@@ -111,12 +111,14 @@ def _threshold(stage: StageSampler, settings: SamplingConfig) -> Callable[[torch
 
 def sample_stage(stage: StageSampler, inputs: dict[str, torch.Tensor], *, settings: SamplingConfig | None = None,
                  seed: int = 0, stage_index: int = 0, progress: Progress | None = None,
-                 drop_keys: tuple[str, ...] = ("text", "image_embed")) -> torch.Tensor:
+                 drop_keys: tuple[str, ...] = ("text", "image_embed"), init: torch.Tensor | None = None,
+                 strength: float = 1.0) -> torch.Tensor:
     """Images (B, 3, R, R) in [-1, 1] from one stage.
 
     inputs: the conditioning of :func:`pipeline.models.unet.unet_forward` ("text", "mask", and "image_embed" when
     the stage uses one) plus, for a super-resolution stage, "images": the previous stage's output (B, 3, r, r) in
     [-1, 1], which is noise-augmented at the stage's sample_noise_level here. Guidance drops `drop_keys`.
+    init: the stage's own grid (B, C, H, W) to start from (SDEdit image-to-image, see sample_loop) at `strength`.
     """
     settings = settings or stage.defaults
     device = inputs["text"].device
@@ -144,7 +146,7 @@ def sample_stage(stage: StageSampler, inputs: dict[str, torch.Tensor], *, settin
     noise = _noise(stage.grid, gens, device)
     with torch.no_grad():
         x0 = sample_loop(predict, noise, stage.schedule, stage.target, settings.sampler, generators=gens,
-                         threshold=_threshold(stage, settings), progress=progress)
+                         threshold=_threshold(stage, settings), progress=progress, init=init, strength=strength)
         images = x0 if stage.decode is None else stage.decode(x0)
     return images.float().clamp(-1.0, 1.0)
 
@@ -152,22 +154,19 @@ def sample_stage(stage: StageSampler, inputs: dict[str, torch.Tensor], *, settin
 def sample_cascade(stages: Sequence[StageSampler], prompts: list[str], encode_text: TextEncoder, *, seed: int = 0,
                    settings: Sequence[SamplingConfig | None] | None = None,
                    extra: dict[str, torch.Tensor] | None = None, progress: Progress | None = None,
-                   start: torch.Tensor | None = None) -> list[torch.Tensor]:
+                   init: torch.Tensor | None = None, strength: float = 1.0) -> list[torch.Tensor]:
     """Run every stage in order; returns each stage's images (B, 3, R_i, R_i) in [-1, 1] (the last is the result).
 
-    encode_text(prompts) -> (T5 tokens (B, L, D), mask (B, L)) shared by every stage; extra: further conditioning
-    (e.g. "image_embed" (B, E) from the prior) given to the stages whose Conditioning uses it; start: images that
-    replace the base stage's output (e.g. for super-resolving given images).
+    encode_text(prompts, stage) -> (T5 tokens (B, L, D), mask (B, L)) for that stage (stages may differ in
+    max_length); extra: further conditioning (e.g. "image_embed" (B, E) from the prior) given to the stages whose
+    Conditioning uses it; init/strength: the base stage's image-to-image start (its own grid, see sample_stage).
     """
     check_chain(stages)
-    text, mask = encode_text(prompts)
     settings = list(settings) if settings is not None else [None] * len(stages)
     outputs: list[torch.Tensor] = []
-    images = start
+    images = None
     for index, stage in enumerate(stages):
-        if index == 0 and start is not None:
-            outputs.append(start)
-            continue
+        text, mask = encode_text(prompts, stage)
         inputs = {"text": text, "mask": mask}
         if stage.cond.image_embed_dim:
             if not extra or "image_embed" not in extra:
@@ -177,7 +176,7 @@ def sample_cascade(stages: Sequence[StageSampler], prompts: list[str], encode_te
         if stage.low_res:
             inputs["images"] = images
         images = sample_stage(stage, inputs, settings=settings[index], seed=seed, stage_index=index,
-                              progress=progress)
+                              progress=progress, init=init if index == 0 else None, strength=strength)
         outputs.append(images)
     return outputs
 

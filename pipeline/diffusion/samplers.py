@@ -173,11 +173,37 @@ def _prepared_scheduler(schedule: NoiseSchedule, sampler: SamplerConfig, device:
     return scheduler
 
 
+def _start_index(sampler: SamplerConfig, total: int, strength: float) -> int:
+    """Loop position an image-to-image run starts at: (1 - strength) of the steps skipped, at least one kept."""
+    if not 0.0 < strength <= 1.0:
+        raise ValueError(f"strength must be in (0, 1], got {strength}")
+    if sampler.name == "heun" and strength < 1.0:
+        raise ValueError("image-to-image (strength < 1) is not supported with the 'heun' sampler (its steps are "
+                         "pairs of evaluations); use dpmpp_2m, euler, ddim or ddpm")
+    return min(total - 1, int(round(total * (1.0 - strength))))
+
+
+def _noised_start(scheduler: SchedulerMixin, sampler: SamplerConfig, schedule: NoiseSchedule, init: Tensor,
+                  noise: Tensor, index: int) -> Tensor:
+    """`init` noised to the level of loop position `index`, in the scheduler's own space (VE for sigma samplers)."""
+    _, abar = _noise_level(scheduler, sampler, schedule, index, scheduler.timesteps[index], init.shape[0],
+                           noise.device)
+    shape = (-1,) + (1,) * (init.dim() - 1)
+    a, s = abar.sqrt().view(shape), (1.0 - abar).sqrt().view(shape)
+    x_t = a * init.to(torch.float64) + s * noise.to(torch.float64)
+    return x_t / a if sampler.name in SIGMA_SAMPLERS else x_t
+
+
 def sample_loop(predict: Predict, noise: Tensor, schedule: NoiseSchedule, target: str, sampler: SamplerConfig, *,
                 generators: Sequence[torch.Generator] | None = None,
                 threshold: Callable[[Tensor], Tensor] | None = None,
-                progress: Callable[[int, int], None] | None = None) -> Tensor:
+                progress: Callable[[int, int], None] | None = None, init: Tensor | None = None,
+                strength: float = 1.0) -> Tensor:
     """Generate x0 (B, C, H, W) float32 from standard-normal `noise` (B, C, H, W).
+
+    With `init` (B, C, H, W) (SDEdit image-to-image): the first (1 - strength) of the steps are skipped and the
+    loop starts from `init` noised to the level it would be at there, so strength 1 ignores `init` and small
+    strengths keep most of it.
 
     predict(x_t (B, C, H, W) float32, t (B,) float32) -> output in parameterisation `target` (eps / x0 / v) at
     noise level t of `schedule` (t may be fractional; any float dtype). `generators` (one per image) seed the
@@ -192,10 +218,17 @@ def sample_loop(predict: Predict, noise: Tensor, schedule: NoiseSchedule, target
         raise ValueError(f"generators: need one per image ({batch}), got {len(generators)}")
     gens = list(generators) if generators is not None else None
     scheduler = _prepared_scheduler(schedule, sampler, noise.device)
-    x = noise.to(torch.float64) * scheduler.init_noise_sigma
     timesteps = scheduler.timesteps
     total = len(timesteps)
-    for index, timestep in enumerate(timesteps):
+    start = 0 if init is None else _start_index(sampler, total, strength)
+    if start:
+        if hasattr(scheduler, "set_begin_index"):  # step-index schedulers; DDPM/DDIM step from the timestep itself
+            scheduler.set_begin_index(start)
+        x = _noised_start(scheduler, sampler, schedule, init, noise, start)
+    else:
+        x = noise.to(torch.float64) * scheduler.init_noise_sigma
+    for index in range(start, total):
+        timestep = timesteps[index]
         x_in = scheduler.scale_model_input(x, timestep)  # x_t in VP space for every scheduler
         t, abar = _noise_level(scheduler, sampler, schedule, index, timestep, batch, noise.device)
         out = predict(x_in.to(torch.float32), t)
@@ -203,7 +236,7 @@ def sample_loop(predict: Predict, noise: Tensor, schedule: NoiseSchedule, target
         if threshold is not None:
             x0 = threshold(x0)
         if progress is not None:
-            progress(index + 1, total)
+            progress(index + 1 - start, total - start)
         if index == total - 1:
             # Every sampler's last update lands on the clean sample (sigma 0 / abar 1), where it returns x0 itself
             # (plus, for ddpm, noise of std 1e-10): returning our x0 is the same, without the float32 round trip.

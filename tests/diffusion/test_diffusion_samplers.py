@@ -282,3 +282,34 @@ def test_scheduler_config_rebuilds_the_scheduler(name: str) -> None:
     assert rebuilt.timesteps[0].item() == pytest.approx(999, abs=1e-3)  # starts at the noisiest timestep
     with pytest.raises(TypeError):
         scheduler_config(schedule, cfg)  # the U-Net's target is required: a wrong prediction_type is silent
+
+
+@pytest.mark.parametrize("name", ["ddim", "dpmpp_2m", "euler", "ddpm"])
+def test_image_to_image_keeps_the_init_at_low_strength_and_ignores_it_at_full_strength(name):
+    """SDEdit: with an oracle denoiser for a 2-point data set {-1, +1}, starting from init = +0.9 at strength 0.3
+    must end at the point nearest to init; strength 1 equals plain sampling from the same noise."""
+    from pipeline.diffusion.samplers import SamplerConfig, sample_loop
+    from pipeline.diffusion.schedules import DiffusionConfig, build_schedule
+
+    schedule = build_schedule(DiffusionConfig(schedule="cosine"), 64)
+
+    def predict(x_t, t):  # posterior mean of x0 for data uniform on {-1, +1} (per element), as x0
+        abar = schedule.alpha_bar(t).view(-1, 1).to(x_t.dtype)
+        logit = 2 * abar.sqrt() * x_t / (1 - abar)
+        return torch.tanh(logit)
+
+    sampler = SamplerConfig(name=name, steps=20)
+    gen = torch.Generator().manual_seed(0)
+    noise = torch.randn(64, 8, generator=gen)
+    init = torch.full((64, 8), 0.9)
+    gens = [torch.Generator().manual_seed(i) for i in range(64)]
+    low = sample_loop(predict, noise, schedule, "x0", sampler, init=init, strength=0.3, generators=gens)
+    assert (low > 0.5).float().mean() > 0.9  # stays with +1 (plain sampling: about half)
+    full = sample_loop(predict, noise, schedule, "x0", sampler, init=init, strength=1.0,
+                       generators=[torch.Generator().manual_seed(i) for i in range(64)])
+    plain = sample_loop(predict, noise, schedule, "x0", sampler, generators=[torch.Generator().manual_seed(i)
+                                                                             for i in range(64)])
+    torch.testing.assert_close(full, plain)
+    assert 0.3 < (plain > 0).float().mean() < 0.7  # from pure noise both points are drawn
+    with pytest.raises(ValueError, match="strength"):
+        sample_loop(predict, noise, schedule, "x0", sampler, init=init, strength=0.0)

@@ -23,7 +23,7 @@ def stage(name: str, resolution: int, low_res: int = 0, sampler: str = "ddpm") -
                         grid=(3, resolution, resolution), defaults=settings, low_res=low_res, sample_noise_level=0.2)
 
 
-def encode(prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+def encode(prompts: list[str], stage: StageSampler | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """A fake text encoder: a deterministic embedding per prompt, 5 tokens, the last 2 padded."""
     rows = []
     for prompt in prompts:
