@@ -15,11 +15,17 @@ def add_parser(sub: argparse._SubParsersAction, common: argparse.ArgumentParser)
     parser.add_argument("--checkpoint", default="latest",
                         help="checkpoint name under RUN_DIR/checkpoints to export (default: latest)")
     parser.add_argument("--no-ema", action="store_true", help="export the raw weights even when an EMA exists")
+    parser.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default="fp32",
+                        help="precision of the written weights (default fp32)")
+    parser.add_argument("--t5-reference", action="store_true",
+                        help="index a U-Net stage's T5 by its original path instead of copying it into the bundle")
     parser.set_defaults(handler=_run)
 
 
 def _run(args: argparse.Namespace) -> int:
     from pipeline.export import export_run
 
-    export_run(args.run_dir, args.out, checkpoint=args.checkpoint, use_ema=not args.no_ema)
+    folder = export_run(args.run_dir, args.out, checkpoint=args.checkpoint, use_ema=not args.no_ema,
+                        dtype=args.dtype, t5_reference=args.t5_reference)
+    print(f"exported {folder}")
     return 0

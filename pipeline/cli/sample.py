@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 
@@ -9,20 +10,49 @@ def add_parser(sub: argparse._SubParsersAction, common: argparse.ArgumentParser)
     parser = sub.add_parser(
         "sample", parents=[common], help="generate images from a prompt with an exported bundle",
         description="Prompt -> T5 (and CLIP text -> prior) -> base U-Net -> super-resolution stages -> "
-                    "autoencoder decode -> PNG, with classifier-free guidance and dynamic thresholding.")
+                    "autoencoder decode -> PNG, with classifier-free guidance and dynamic thresholding. Settings "
+                    "not given use each stage's defaults stored in the bundle.")
     parser.add_argument("bundle", type=Path, help="bundle directory written by `python -m pipeline export`")
     parser.add_argument("--prompt", required=True, help="text prompt")
     parser.add_argument("--out", required=True, type=Path, help="output PNG (a grid when --num-images > 1)")
+    parser.add_argument("--out-dir", type=Path, default=None, help="also write one PNG per image into this folder")
     parser.add_argument("--num-images", type=int, default=1, help="images to generate (default 1)")
-    parser.add_argument("--guidance", type=float, default=5.0, help="classifier-free guidance scale (default 5)")
-    parser.add_argument("--steps", type=int, default=50, help="sampler steps per stage (default 50)")
-    parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    parser.add_argument("--guidance", type=float, default=None,
+                        help="classifier-free guidance scale >= 1 for every stage (default: each stage's own)")
+    parser.add_argument("--steps", type=int, default=None, help="sampler steps per stage (default: each stage's)")
+    parser.add_argument("--sampler", choices=("ddpm", "ddim", "dpmpp_2m", "euler", "heun"), default=None,
+                        help="sampler for every stage (default: each stage's)")
+    parser.add_argument("--seed", type=int, default=0, help="random seed; image i of a seed is the same whatever "
+                                                            "--num-images is (default 0)")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
+    parser.add_argument("--image", type=Path, default=None,
+                        help="variations of this image: its CLIP image embedding replaces the prior's (bundles with "
+                             "an unCLIP stage)")
+    parser.add_argument("--init-image", type=Path, default=None, help="image-to-image (SDEdit) from this image")
+    parser.add_argument("--strength", type=float, default=0.6,
+                        help="with --init-image: how much of the sampling is redone, in (0, 1] (default 0.6)")
     parser.set_defaults(handler=_run)
+
+
+def _progress():
+    from tqdm import tqdm
+
+    bar = tqdm(desc="sample", unit="step", leave=False, disable=not sys.stderr.isatty())
+
+    def update(done: int, total: int) -> None:
+        if bar.total != total or done == 1:
+            bar.reset(total=total)
+        bar.update(done - bar.n)
+
+    return update
 
 
 def _run(args: argparse.Namespace) -> int:
     from pipeline.sample import sample_to_file
 
-    sample_to_file(args.bundle, args.prompt, args.out, num_images=args.num_images, guidance=args.guidance,
-                   steps=args.steps, seed=args.seed)
+    written = sample_to_file(args.bundle, args.prompt, args.out, num_images=args.num_images, guidance=args.guidance,
+                             steps=args.steps, sampler=args.sampler, seed=args.seed, device=args.device,
+                             out_dir=args.out_dir, image=args.image, init_image=args.init_image,
+                             strength=args.strength, progress=_progress())
+    print(f"wrote {written[0]}" + (f" and {len(written) - 1} images in {args.out_dir}" if len(written) > 1 else ""))
     return 0

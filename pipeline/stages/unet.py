@@ -28,7 +28,7 @@ from pipeline.diffusion.cascade import SamplingConfig, StageSampler, low_res_inp
 from pipeline.diffusion.objective import cfg_drop, diffusion_loss, random_levels
 from pipeline.diffusion.samplers import make_scheduler, scheduler_config
 from pipeline.diffusion.schedules import DiffusionConfig, NoiseSchedule, build_schedule
-from pipeline.errors import ConfigError
+from pipeline.errors import ConfigError, PipelineError
 from pipeline.models.attention import ATTENTION_BACKENDS
 from pipeline.models.unet import Conditioning, UNetConfig, build_unet, null_condition, unet_forward
 from pipeline.stages.base import EvalSums, Stage, StageContext, StepOutput
@@ -58,6 +58,25 @@ class SuperResConfig:
 
 
 @dataclass(frozen=True)
+class ImageEmbedConfig:
+    """unCLIP conditioning: the CLIP image embedding of each sample at training, the prior's output at sampling."""
+
+    dim: int = doc(0, "Width of the CLIP image embedding; 0 = no image-embedding conditioning.")
+    clip: str = doc("", "The exported CLIP folder (open_clip local-dir) whose image embeddings condition this "
+                        "stage; training reads them precomputed (array clip_image_emb of data.precomputed_urls: "
+                        "python -m pipeline shards precompute SRC --out DIR --encoder clip-image:CLIP_DIR), at the "
+                        "CLIP's own resolution whatever this stage's resolution is.")
+    drop_prob: float = doc(0.1, "Probability that a sample's image embedding is replaced by zeros (its own "
+                                "classifier-free guidance dropout, independent of the text's).")
+
+    def __post_init__(self) -> None:
+        check(self.dim >= 0, "model.image_embed.dim", f"must be >= 0, got {self.dim}")
+        check(0.0 <= self.drop_prob < 1.0, "model.image_embed.drop_prob", f"must be in [0, 1), got {self.drop_prob}")
+        check(not self.dim or bool(self.clip), "model.image_embed.clip",
+              "must name the exported CLIP folder whose embeddings condition the stage (model.image_embed.dim > 0)")
+
+
+@dataclass(frozen=True)
 class UNetStageConfig:
     """The `model:` section of a `stage: unet` config."""
 
@@ -74,6 +93,7 @@ class UNetStageConfig:
     cond_drop_prob: float = doc(0.1, "Probability that a sample's text is replaced by the null condition "
                                      "(classifier-free guidance training).")
     super_res: SuperResConfig = doc(SuperResConfig(), "Super-resolution settings (low_res 0 = base stage).")
+    image_embed: ImageEmbedConfig = doc(ImageEmbedConfig(), "CLIP image-embedding (unCLIP) conditioning.")
     sampling: SamplingConfig = doc(SamplingConfig(), "Default sampling settings (grids, evaluation, export).")
     eval_prompts: int = doc(64, "Held-out captions per evaluation whose samples are scored for prompt fidelity "
                                 "(per run, in evaluation batches; 0 = off).")
@@ -123,17 +143,24 @@ class UNetStage(Stage):
     # ------------------------------------------------------------------------------------------ build
     def sample_spec(self) -> SampleSpec:
         t5 = self.mcfg.text_encoder
+        arrays = ("clip_image_emb",) if self.mcfg.image_embed.dim else ()
         if self.mcfg.text_source == "precomputed":
-            return SampleSpec(image_size=self.resolution, precomputed=("t5_emb", "t5_mask"))
-        return SampleSpec(image_size=self.resolution, tokenize=T5Tokenize(t5.path, t5.max_length))
+            return SampleSpec(image_size=self.resolution, precomputed=("t5_emb", "t5_mask", *arrays))
+        return SampleSpec(image_size=self.resolution, tokenize=T5Tokenize(t5.path, t5.max_length), precomputed=arrays)
 
     def input_paths(self) -> dict[str, str]:
+        paths = {}
         path = self.mcfg.text_encoder.path  # also read with precomputed text: its config gives the T5 width
-        return {"model.text_encoder.path": path} if _is_local(path) else {}
+        if _is_local(path):
+            paths["model.text_encoder.path"] = path
+        if self.mcfg.image_embed.dim:
+            paths["model.image_embed.clip"] = self.mcfg.image_embed.clip
+        return paths
 
     def conditioning(self, text_dim: int) -> Conditioning:
         sr = self.mcfg.super_res
         return Conditioning(text_dim=text_dim, pooled_text=self.mcfg.unet.pooled_text,
+                            image_embed_dim=self.mcfg.image_embed.dim,
                             level_dim=sr.level_embed_dim if sr.low_res else 0,
                             low_res_channels=3 if sr.low_res else 0)
 
@@ -178,6 +205,12 @@ class UNetStage(Stage):
 
     def _inputs(self, frozen: Mapping[str, nn.Module], batch: dict, train: bool) -> dict[str, torch.Tensor]:
         inputs = self._text(frozen, batch)
+        if self.mcfg.image_embed.dim:
+            embed = batch["clip_image_emb"].to(self.ctx.device, non_blocking=True)
+            if embed.shape[-1] != self.mcfg.image_embed.dim:
+                raise ConfigError(f"model.image_embed.dim is {self.mcfg.image_embed.dim} but the precomputed "
+                                  f"clip_image_emb arrays have width {embed.shape[-1]}")
+            inputs["image_embed"] = embed.to(self.ctx.compute_dtype)
         images = batch["image"]
         if self.mcfg.super_res.low_res:
             sr = self.mcfg.super_res
@@ -196,6 +229,9 @@ class UNetStage(Stage):
         inputs = self._inputs(frozen, batch, train=True)
         drop = cfg_drop(x0.shape[0], self.mcfg.cond_drop_prob, self.ctx.device)
         inputs = null_condition(inputs, drop, keys=("text",))
+        if self.mcfg.image_embed.dim:
+            drop = cfg_drop(x0.shape[0], self.mcfg.image_embed.drop_prob, self.ctx.device)
+            inputs = null_condition(inputs, drop, keys=("image_embed",))
         cond = self.conditioning(inputs["text"].shape[-1])
         out = diffusion_loss(lambda x_t, t: unet_forward(unet, cond, x_t, t, inputs), x0, self.schedule,
                              self.mcfg.diffusion)
@@ -213,7 +249,7 @@ class UNetStage(Stage):
     def _sample_for(self, unet: nn.Module, frozen: Mapping[str, nn.Module], batch: dict, guidance: float,
                     seed: int) -> torch.Tensor:
         """Images (B, 3, R, R) in [-1, 1] for the batch's captions (and low-res images for super-resolution)."""
-        inputs = self._text(frozen, batch)
+        inputs = {k: v for k, v in self._inputs(frozen, batch, train=False).items() if k not in ("low_res", "level")}
         if self.mcfg.super_res.low_res:
             inputs["images"] = self._low_res(batch["image"])
         settings = SamplingConfig(sampler=self.mcfg.sampling.sampler, guidance=guidance,
@@ -282,7 +318,27 @@ class UNetStage(Stage):
     def component_name(self) -> str:
         return f"unet_{self.mcfg.name}"
 
-    def export(self, modules: Mapping[str, nn.Module], out_dir: Path) -> None:
+    def export_helpers(self, bundle: Path, dtype: torch.dtype, reference: bool) -> dict[str, dict]:
+        """The T5 the cascade encodes prompts with, as bundle component `t5` (one T5 per bundle: every U-Net
+        stage of a cascade reads the same tokens)."""
+        from pipeline.bundle import read_index
+        from pipeline.text.t5 import save_t5
+
+        source = self.mcfg.text_encoder.path
+        existing = read_index(bundle)["components"].get("t5") if (bundle / "bundle.json").is_file() else None
+        if existing is not None:
+            if existing.get("source") != source:
+                raise PipelineError(f"{bundle} already holds T5 {existing.get('source')!r}; this stage was trained "
+                                    f"with {source!r}: a cascade's stages must share one T5 (use another bundle)")
+            return {}
+        if reference:
+            if not _is_local(source) or Path(source).exists():
+                return {"t5": {"kind": "t5", "source": source, "reference": str(Path(source).resolve())
+                               if Path(source).exists() else source}}
+        save_t5(self.mcfg.text_encoder, bundle / "t5", dtype)
+        return {"t5": {"kind": "t5", "source": source}}
+
+    def export(self, modules: Mapping[str, nn.Module], out_dir: Path) -> dict:
         """A diffusers folder: the U-Net's save_pretrained (config.json + safetensors), its scheduler config, and
         t2i_stage.json with what a sampler needs to condition it (our convention, pipeline/models/unet.py)."""
         unet = modules["unet"]
@@ -294,6 +350,10 @@ class UNetStage(Stage):
         stage = {"name": mcfg.name, "space": mcfg.space, "resolution": self.resolution, "grid": list(self.grid),
                  "conditioning": self.conditioning(self._text_dim()).__dict__, "model": to_dict(mcfg)}
         (out_dir / STAGE_CONFIG).write_text(json.dumps(stage, indent=2) + "\n", encoding="utf-8")
+        sr = mcfg.super_res
+        return {"resolution": self.resolution, "space": mcfg.space, "low_res": sr.low_res,
+                "sample_noise_level": sr.sample_noise_level, "image_embed_dim": mcfg.image_embed.dim,
+                "sampling": to_dict(mcfg.sampling), "t5": to_dict(mcfg.text_encoder)}
 
 
 # d_model of the public T5 encoders, so a config naming one by hub id is understood offline (no download just to

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from pipeline.config_schema import check, doc
-from pipeline.errors import ConfigError
+from pipeline.errors import CheckpointError, ConfigError
 
 
 @dataclass(frozen=True)
@@ -110,7 +110,7 @@ class T5Tokenize:
 class FrozenT5Encoder(nn.Module):
     """A T5 encoder used as a frozen feature extractor (the Trainer freezes and casts it)."""
 
-    def __init__(self, cfg: T5EncoderConfig) -> None:
+    def __init__(self, cfg: T5EncoderConfig, strict: bool = False) -> None:
         super().__init__()
         from transformers import T5EncoderModel
 
@@ -120,9 +120,12 @@ class FrozenT5Encoder(nn.Module):
             self.encoder = tiny_encoder(len(_load_tokenizer(TINY)), seed=TINY_SEED, **TINY_DIMS)
         else:
             try:
-                self.encoder = T5EncoderModel.from_pretrained(cfg.path)
+                self.encoder, info = T5EncoderModel.from_pretrained(cfg.path, output_loading_info=True)
             except (OSError, ValueError) as exc:
                 raise ConfigError(f"cannot load a T5 encoder from {cfg.path!r}: {str(exc).splitlines()[0]}") from None
+            wrong = {k: sorted(v)[:5] for k, v in info.items() if k != "error_msgs" and v}
+            if strict and wrong:  # transformers initialises missing weights at random, with only a warning
+                raise CheckpointError(f"{cfg.path}: the T5 weights do not match its config.json ({wrong})")
         self.tokenize = T5Tokenize(cfg.path, cfg.max_length)
         self.dim = int(self.encoder.config.d_model)
 
@@ -138,6 +141,16 @@ class FrozenT5Encoder(nn.Module):
         device = next(self.encoder.parameters()).device
         mask = tokens["t5_mask"].to(device)
         return self.forward(tokens["t5_ids"].to(device), mask), mask
+
+
+def save_t5(cfg: T5EncoderConfig, out_dir: str | Path, dtype: torch.dtype = torch.float32) -> Path:
+    """The encoder of `cfg` (tiny, local or hub) as a transformers ``save_pretrained`` folder with its tokenizer
+    (safetensors), which ``T5EncoderModel.from_pretrained`` and ``AutoTokenizer.from_pretrained`` load."""
+    out = Path(out_dir)
+    encoder = FrozenT5Encoder(cfg).encoder.to(dtype)
+    encoder.save_pretrained(out, safe_serialization=True)
+    _load_tokenizer(cfg.path).save_pretrained(out)
+    return out
 
 
 def write_tiny_t5(out_dir: str | Path, words: Iterable[str], *, d_model: int = 32, layers: int = 2, heads: int = 2,
