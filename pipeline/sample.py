@@ -27,7 +27,7 @@ from pipeline.bundle import Bundle
 from pipeline.config_schema import from_dict
 from pipeline.diffusion.cascade import SamplingConfig, StageSampler, check_chain, sample_cascade, with_overrides
 from pipeline.diffusion.schedules import build_schedule
-from pipeline.errors import ConfigError, UsageError
+from pipeline.errors import CheckpointError, ConfigError, UsageError
 from pipeline.models.unet import Conditioning
 
 ImageInput = str | Path | Image.Image
@@ -81,8 +81,14 @@ def _load_stage(bundle: Bundle, name: str, device: torch.device, decode: Callabl
     mcfg = from_dict(UNetStageConfig, meta["model"], source=str(folder / STAGE_CONFIG), prefix="model")
     unet = load_diffusers_strict(UNet2DConditionModel, folder)
     install_attention(unet, mcfg.attention if device.type == "cuda" else "sdpa")  # any backend: same function
-    if meta["space"] == "latent" and decode is None:
-        raise UsageError(f"{folder}: a latent stage needs the bundle's autoencoder component")
+    if meta["space"] == "latent":
+        if decode is None:
+            raise UsageError(f"{folder}: a latent stage needs the bundle's autoencoder component")
+        expected = meta.get("autoencoder_sha256")
+        have = {e["sha256"] for n, e in bundle.entry("autoencoder")["files"].items() if n.endswith(".safetensors")}
+        if expected and expected not in have:
+            raise CheckpointError(f"{folder}: this latent stage was trained on another autoencoder than the "
+                                  f"bundle's; export the autoencoder run it was trained with into the bundle")
     resolution = int(meta["resolution"])
     return StageSampler(name=mcfg.name, unet=unet.to(device), cond=Conditioning(**meta["conditioning"]),
                         schedule=build_schedule(mcfg.diffusion, resolution), target=mcfg.diffusion.target,

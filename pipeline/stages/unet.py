@@ -12,109 +12,28 @@ the held-out captions with and without guidance (synthetic-style captions only; 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
-from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from pipeline.config import Config
-from pipeline.config_schema import check, doc, to_dict
+from pipeline.config_schema import to_dict
 from pipeline.data.spec import SampleSpec
 from pipeline.diffusion.cascade import SamplingConfig, StageSampler, low_res_input, sample_stage
 from pipeline.diffusion.objective import cfg_drop, diffusion_loss, random_levels
 from pipeline.diffusion.samplers import make_scheduler, scheduler_config
-from pipeline.diffusion.schedules import DiffusionConfig, NoiseSchedule, build_schedule
+from pipeline.diffusion.schedules import NoiseSchedule, build_schedule
 from pipeline.errors import ConfigError, PipelineError
-from pipeline.models.attention import ATTENTION_BACKENDS
-from pipeline.models.unet import Conditioning, UNetConfig, build_unet, null_condition, unet_forward
+from pipeline.models.unet import Conditioning, build_unet, null_condition, unet_forward
 from pipeline.stages.base import EvalSums, Stage, StageContext, StepOutput
-from pipeline.text.t5 import TINY, FrozenT5Encoder, T5EncoderConfig, T5Tokenize
+from pipeline.stages.unet_config import UNetStageConfig, _is_local, autoencoder_geometry, text_encoder_dim
+from pipeline.text.t5 import FrozenT5Encoder, T5Tokenize
 
 STAGE_CONFIG = "t2i_stage.json"
 BUCKETS = 4  # timestep buckets of the held-out denoising loss
-
-
-@dataclass(frozen=True)
-class SuperResConfig:
-    """Super-resolution: which low-resolution image this stage upsamples and how it is noise-augmented."""
-
-    low_res: int = doc(0, "Side in pixels of the image this stage upsamples (the previous stage's resolution); "
-                          "0 = a base stage.")
-    max_train_noise_level: float = doc(0.5, "Training draws the augmentation level uniformly in [0, this] "
-                                            "(level l = timestep l*(T-1) of this stage's noise schedule).")
-    sample_noise_level: float = doc(0.2, "Augmentation level of the low-resolution image at sampling (0-1).")
-    level_embed_dim: int = doc(32, "Width of the sinusoidal level features fed to the class embedding.")
-
-    def __post_init__(self) -> None:
-        check(self.low_res >= 0, "model.super_res.low_res", f"must be >= 0, got {self.low_res}")
-        for key in ("max_train_noise_level", "sample_noise_level"):
-            value = getattr(self, key)
-            check(0.0 <= value <= 1.0, f"model.super_res.{key}", f"must be in [0, 1], got {value}")
-        check(self.level_embed_dim >= 2, "model.super_res.level_embed_dim", f"must be >= 2, got {self.level_embed_dim}")
-
-
-@dataclass(frozen=True)
-class ImageEmbedConfig:
-    """unCLIP conditioning: the CLIP image embedding of each sample at training, the prior's output at sampling."""
-
-    dim: int = doc(0, "Width of the CLIP image embedding; 0 = no image-embedding conditioning.")
-    clip: str = doc("", "The exported CLIP folder (open_clip local-dir) whose image embeddings condition this "
-                        "stage; training reads them precomputed (array clip_image_emb of data.precomputed_urls: "
-                        "python -m pipeline shards precompute SRC --out DIR --encoder clip-image:CLIP_DIR), at the "
-                        "CLIP's own resolution whatever this stage's resolution is.")
-    drop_prob: float = doc(0.1, "Probability that a sample's image embedding is replaced by zeros (its own "
-                                "classifier-free guidance dropout, independent of the text's).")
-
-    def __post_init__(self) -> None:
-        check(self.dim >= 0, "model.image_embed.dim", f"must be >= 0, got {self.dim}")
-        check(0.0 <= self.drop_prob < 1.0, "model.image_embed.drop_prob", f"must be in [0, 1), got {self.drop_prob}")
-        check(not self.dim or bool(self.clip), "model.image_embed.clip",
-              "must name the exported CLIP folder whose embeddings condition the stage (model.image_embed.dim > 0)")
-
-
-@dataclass(frozen=True)
-class UNetStageConfig:
-    """The `model:` section of a `stage: unet` config."""
-
-    name: str = doc("base", "Component name in an export bundle (unet_<name>); e.g. 'base', 'sr64', 'sr256'.")
-    space: Literal["pixel"] = doc("pixel", "Where diffusion runs: 'pixel' (images in [-1, 1]).")
-    unet: UNetConfig = doc(UNetConfig(), "U-Net architecture.")
-    text_encoder: T5EncoderConfig = doc(T5EncoderConfig(path=TINY, max_length=24),
-                                        "Frozen T5 encoder (path: local dir, hub id, or 'tiny').")
-    text_source: Literal["encoder", "precomputed"] = doc(
-        "encoder", "'encoder' runs the frozen T5 on each batch; 'precomputed' reads t5_emb/t5_mask arrays from "
-                   "data.precomputed_urls (python -m pipeline shards precompute --encoder t5:PATH:MAXLEN).")
-    attention: Literal["sdpa", "triton", "xformers"] = doc("sdpa", "Attention kernel of every U-Net attention.")
-    diffusion: DiffusionConfig = doc(DiffusionConfig(), "Noise schedule, training target and loss weighting.")
-    cond_drop_prob: float = doc(0.1, "Probability that a sample's text is replaced by the null condition "
-                                     "(classifier-free guidance training).")
-    super_res: SuperResConfig = doc(SuperResConfig(), "Super-resolution settings (low_res 0 = base stage).")
-    image_embed: ImageEmbedConfig = doc(ImageEmbedConfig(), "CLIP image-embedding (unCLIP) conditioning.")
-    sampling: SamplingConfig = doc(SamplingConfig(), "Default sampling settings (grids, evaluation, export).")
-    eval_prompts: int = doc(64, "Held-out captions per evaluation whose samples are scored for prompt fidelity "
-                                "(per run, in evaluation batches; 0 = off).")
-    grid_images: int = doc(16, "Images in the periodic sample grid (held-out prompts).")
-
-    def __post_init__(self) -> None:
-        check(bool(self.name) and self.name.replace("_", "").isalnum(), "model.name",
-              f"must be a non-empty identifier (letters, digits, _), got {self.name!r}")
-        check(self.attention in ATTENTION_BACKENDS, "model.attention", f"must be one of {ATTENTION_BACKENDS}")
-        check(0.0 <= self.cond_drop_prob < 1.0, "model.cond_drop_prob", f"must be in [0, 1), got {self.cond_drop_prob}")
-        check(self.eval_prompts >= 0 and self.grid_images >= 0, "model.eval_prompts",
-              "eval_prompts and grid_images must be >= 0")
-
-
-def _is_local(path: str) -> bool:
-    """A path (not 'tiny' and not a hub id such as 'google/t5-v1_1-xxl') that must exist on disk."""
-    if path == TINY:
-        return False
-    parts = path.split("/")
-    looks_like_hub_id = len(parts) == 2 and all(parts) and not path.startswith((".", "~")) and not Path(path).exists()
-    return not looks_like_hub_id
 
 
 class UNetStage(Stage):
@@ -138,12 +57,20 @@ class UNetStage(Stage):
         self.schedule: NoiseSchedule = build_schedule(self.mcfg.diffusion, self.resolution)
         make_scheduler(self.schedule, self.mcfg.sampling.sampler)  # sampler settings that cannot work fail now
         self.grid = (3, self.resolution, self.resolution)
+        if self.mcfg.space == "latent" and Path(self.mcfg.autoencoder).exists():  # missing: input_paths says so
+            channels, factor, _ = autoencoder_geometry(self.mcfg.autoencoder)
+            if self.resolution % factor or (self.resolution // factor) % 2 ** (levels - 1):
+                raise ConfigError(f"data.resolution ({self.resolution}) / the autoencoder's factor {factor} must be "
+                                  f"a whole latent side divisible by 2^{levels - 1}")
+            self.grid = (channels, self.resolution // factor, self.resolution // factor)
         self.t5_dim: int | None = None  # known once the T5 (or the first precomputed batch) is seen
 
     # ------------------------------------------------------------------------------------------ build
     def sample_spec(self) -> SampleSpec:
         t5 = self.mcfg.text_encoder
         arrays = ("clip_image_emb",) if self.mcfg.image_embed.dim else ()
+        if self.mcfg.space == "latent" and self.mcfg.latent_source == "precomputed":
+            arrays = (*arrays, "latent")
         if self.mcfg.text_source == "precomputed":
             return SampleSpec(image_size=self.resolution, precomputed=("t5_emb", "t5_mask", *arrays))
         return SampleSpec(image_size=self.resolution, tokenize=T5Tokenize(t5.path, t5.max_length), precomputed=arrays)
@@ -155,6 +82,8 @@ class UNetStage(Stage):
             paths["model.text_encoder.path"] = path
         if self.mcfg.image_embed.dim:
             paths["model.image_embed.clip"] = self.mcfg.image_embed.clip
+        if self.mcfg.space == "latent":
+            paths["model.autoencoder"] = self.mcfg.autoencoder
         return paths
 
     def conditioning(self, text_dim: int) -> Conditioning:
@@ -180,9 +109,23 @@ class UNetStage(Stage):
         return {"unet": unet}
 
     def build_frozen(self) -> dict[str, nn.Module]:
-        if self.mcfg.text_source == "precomputed":
-            return {}
-        return {"t5": FrozenT5Encoder(self.mcfg.text_encoder)}
+        frozen: dict[str, nn.Module] = {}
+        if self.mcfg.text_source == "encoder":
+            frozen["t5"] = FrozenT5Encoder(self.mcfg.text_encoder)
+        if self.mcfg.space == "latent":  # also with precomputed latents: evaluation and grids decode
+            from pipeline.models.autoencoder import load_autoencoder
+
+            frozen["autoencoder"] = load_autoencoder(self.mcfg.autoencoder)
+        return frozen
+
+    def _x0(self, frozen: Mapping[str, nn.Module], batch: dict) -> torch.Tensor:
+        """What the U-Net denoises: the batch images (B, 3, R, R) in pixel space, their scaled latents otherwise."""
+        if self.mcfg.space == "pixel":
+            return batch["image"]
+        if self.mcfg.latent_source == "precomputed":
+            return batch["latent"].to(self.ctx.device, non_blocking=True).to(self.ctx.compute_dtype)
+        with torch.no_grad():
+            return frozen["autoencoder"].encode(batch["image"])
 
     # ----------------------------------------------------------------------------------------- inputs
     def _text(self, frozen: Mapping[str, nn.Module], batch: dict) -> dict[str, torch.Tensor]:
@@ -225,7 +168,7 @@ class UNetStage(Stage):
     def training_step(self, models: Mapping[str, nn.Module], frozen: Mapping[str, nn.Module], batch: dict,
                       part: str) -> StepOutput:
         unet = models[part]
-        x0 = batch["image"]
+        x0 = self._x0(frozen, batch)
         inputs = self._inputs(frozen, batch, train=True)
         drop = cfg_drop(x0.shape[0], self.mcfg.cond_drop_prob, self.ctx.device)
         inputs = null_condition(inputs, drop, keys=("text",))
@@ -238,13 +181,15 @@ class UNetStage(Stage):
         return StepOutput(out.loss, {"mse": out.per_sample.detach().mean()})
 
     # ---------------------------------------------------------------------------------------- sample
-    def sampler(self, unet: nn.Module | None, settings: SamplingConfig | None = None) -> StageSampler:
-        """This stage as a :class:`StageSampler` around `unet` (None: only its schedule/grid are used)."""
+    def sampler(self, unet: nn.Module | None, settings: SamplingConfig | None = None,
+                decode: Callable[[torch.Tensor], torch.Tensor] | None = None) -> StageSampler:
+        """This stage as a :class:`StageSampler` around `unet` (None: only its schedule/grid are used); `decode`
+        maps latents to images for a latent stage."""
         sr = self.mcfg.super_res
         return StageSampler(name=self.mcfg.name, unet=unet, cond=self.conditioning(self._text_dim()),
                             schedule=self.schedule, target=self.mcfg.diffusion.target, resolution=self.resolution,
                             grid=self.grid, defaults=settings or self.mcfg.sampling, low_res=sr.low_res,
-                            sample_noise_level=sr.sample_noise_level)
+                            sample_noise_level=sr.sample_noise_level, decode=decode)
 
     def _sample_for(self, unet: nn.Module, frozen: Mapping[str, nn.Module], batch: dict, guidance: float,
                     seed: int) -> torch.Tensor:
@@ -255,7 +200,8 @@ class UNetStage(Stage):
         settings = SamplingConfig(sampler=self.mcfg.sampling.sampler, guidance=guidance,
                                   guidance_rescale=self.mcfg.sampling.guidance_rescale,
                                   dynamic_threshold=self.mcfg.sampling.dynamic_threshold)
-        return sample_stage(self.sampler(unet), inputs, settings=settings, seed=seed)
+        decode = frozen["autoencoder"].decode if self.mcfg.space == "latent" else None
+        return sample_stage(self.sampler(unet, decode=decode), inputs, settings=settings, seed=seed)
 
     def sample_images(self, models: Mapping[str, nn.Module], frozen: Mapping[str, nn.Module], seed: int,
                       batch: dict | None = None) -> torch.Tensor | None:
@@ -296,7 +242,7 @@ class UNetStage(Stage):
         gen = torch.Generator(device=self.ctx.device).manual_seed(index)
         inputs = self._inputs(frozen, batch, train=False)
         cond = self.conditioning(inputs["text"].shape[-1])
-        out = diffusion_loss(lambda x_t, t: unet_forward(unet, cond, x_t, t, inputs), batch["image"],
+        out = diffusion_loss(lambda x_t, t: unet_forward(unet, cond, x_t, t, inputs), self._x0(frozen, batch),
                              self.schedule, self.mcfg.diffusion, generator=gen)
         width = self.schedule.num_timesteps / BUCKETS
         result = {"loss": (float(out.per_sample.sum()), float(out.per_sample.numel()))}
@@ -351,34 +297,24 @@ class UNetStage(Stage):
                  "conditioning": self.conditioning(self._text_dim()).__dict__, "model": to_dict(mcfg)}
         (out_dir / STAGE_CONFIG).write_text(json.dumps(stage, indent=2) + "\n", encoding="utf-8")
         sr = mcfg.super_res
+        if mcfg.space == "latent":  # which autoencoder the latents belong to: the bundle's must be this one
+            stage["autoencoder_sha256"] = autoencoder_digest(mcfg.autoencoder)
+            (out_dir / STAGE_CONFIG).write_text(json.dumps(stage, indent=2) + "\n", encoding="utf-8")
         return {"resolution": self.resolution, "space": mcfg.space, "low_res": sr.low_res,
                 "sample_noise_level": sr.sample_noise_level, "image_embed_dim": mcfg.image_embed.dim,
                 "sampling": to_dict(mcfg.sampling), "t5": to_dict(mcfg.text_encoder)}
 
 
-# d_model of the public T5 encoders, so a config naming one by hub id is understood offline (no download just to
-# size the U-Net; loading the encoder itself still needs the weights).
-KNOWN_T5_WIDTHS = {"t5-v1_1-small": 512, "t5-v1_1-base": 768, "t5-v1_1-large": 1024, "t5-v1_1-xl": 2048,
-                   "t5-v1_1-xxl": 4096, "flan-t5-small": 512, "flan-t5-base": 768, "flan-t5-large": 1024,
-                   "flan-t5-xl": 2048, "flan-t5-xxl": 4096}
+def autoencoder_digest(path: str) -> str:
+    """sha256 of the autoencoder's weights as it is exported (a folder: its safetensors file; a run dir: the
+    weights it would export), so a bundle can check its autoencoder is the one a latent stage was trained on."""
+    from pipeline.bundle import describe_files
 
-
-def text_encoder_dim(cfg: T5EncoderConfig) -> int:
-    """d_model of a T5 encoder config without loading its weights."""
-    from pipeline.text.t5 import TINY_DIMS
-
-    if cfg.path == TINY:
-        return TINY_DIMS["d_model"]
-    known = KNOWN_T5_WIDTHS.get(cfg.path.rstrip("/").split("/")[-1])
-    if known is not None and not Path(cfg.path).exists():
-        return known
-    from transformers import AutoConfig
-
-    try:
-        return int(AutoConfig.from_pretrained(cfg.path).d_model)
-    except (OSError, ValueError) as exc:
-        raise ConfigError(f"model.text_encoder.path: cannot read a T5 config from {cfg.path!r}: "
-                          f"{str(exc).splitlines()[0]}") from None
+    folder = Path(path)
+    if not (folder / "config.json").is_file():
+        return ""  # a run dir: the bundle check then relies on the autoencoder exported from that run
+    files = describe_files(folder)
+    return next((entry["sha256"] for name, entry in sorted(files.items()) if name.endswith(".safetensors")), "")
 
 
 def _head(batch: dict, n: int) -> dict:
