@@ -88,6 +88,8 @@ class OptimConfig:
     schedule: Literal["constant", "cosine", "linear"] = doc("cosine", "Decay after warmup, down to lr*min_lr_ratio.")
     min_lr_ratio: float = doc(0.0, "Final learning rate as a fraction of `lr` (cosine/linear schedules).")
     grad_clip: float = doc(1.0, "Clip the global gradient L2 norm to this value; 0 disables clipping.")
+    fused: Literal["auto", "on", "off"] = doc("auto", "torch's fused AdamW kernel (one launch for all parameters): "
+                                                      "'auto' = on with CUDA; never with dist.offload_optimizer.")
 
     def __post_init__(self) -> None:
         check(self.lr > 0, "optim.lr", f"must be > 0, got {self.lr}")
@@ -107,6 +109,12 @@ class TrainConfig:
     precision: Literal["auto", "fp32", "bf16", "fp16"] = doc(
         "auto", "Compute dtype; 'auto' is bf16 on GPU and fp32 on CPU.")
     activation_checkpointing: bool = doc(False, "Recompute activations in backward to save memory.")
+    compile: Literal["auto", "on", "off"] = doc(
+        "auto", "torch.compile each trainable network in place (state dict and checkpoints unchanged): 'auto' = on "
+                "with CUDA, off on CPU (compiling takes minutes there). Left eager under ZeRO-3, whose partition "
+                "hooks break graph capture (logged).")
+    compile_backend: str = doc("inductor", "torch.compile backend: 'inductor' (generated kernels); 'aot_eager' "
+                                           "captures graphs without generating code (a quick check on CPU).")
     ema_decay: float = doc(0.0, "Exponential moving average decay of trainable weights per step; 0 disables EMA.")
     log_every: int = doc(10, "Optimizer steps between metric records (metrics.jsonl, TensorBoard, progress bar).")
     sample_every: int = doc(0, "Optimizer steps between sample grids for generative stages; 0 disables.")

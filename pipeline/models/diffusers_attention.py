@@ -116,6 +116,23 @@ def decompose_mask(mask: torch.Tensor, batch: int, heads: int, lq: int, allow_ca
     return (None if padding.all() else padding.contiguous()), causal
 
 
+def trusted_layout(mask: torch.Tensor, batch: int, heads: int, lq: int, allow_causal: bool) -> Optional[MaskInfo]:
+    """The two mask layouts our models produce, decomposed without reading values, or None for any other layout.
+
+    UNet2DConditionModel's text bias (B, 1, Lk) and PriorTransformer's causal + padding bias (B*heads, L, L) (its
+    last query row sees every unpadded key). Used on CUDA, where :func:`decompose_mask`'s exact checks would cost a
+    host-device synchronisation per forward; on CPU (and in the tests) every mask is checked exactly.
+    """
+    if not mask.is_floating_point() or mask.dim() != 3:
+        return None
+    threshold = DROP_AT_OR_BELOW / 2
+    if mask.shape[:2] == (batch, 1):
+        return (mask[:, 0] > threshold).contiguous(), False
+    if allow_causal and heads > 1 and mask.shape == (batch * heads, lq, lq):
+        return (mask.view(batch, heads, lq, lq)[:, 0, -1] > threshold).contiguous(), True
+    return None
+
+
 class _MaskCache:
     """Remembers :func:`decompose_mask` per mask tensor, so the host syncs once per forward, not per layer.
 
@@ -167,6 +184,10 @@ class DispatchAttnProcessor:
                    allow_causal: bool) -> MaskInfo:
         if mask is None:
             return None, False
+        if mask.is_cuda:
+            trusted = trusted_layout(mask, batch, heads, lq, allow_causal)
+            if trusted is not None:
+                return trusted
         rows = mask.shape[-2] if mask.dim() > 2 else 1  # a one-row mask fits every lq: one entry for all
         return self._masks.get(mask, (batch, heads, lq if rows > 1 else None, allow_causal),
                                lambda: decompose_mask(mask, batch, heads, lq, allow_causal))

@@ -247,7 +247,8 @@ def make_optimizer(module: nn.Module, cfg: Config) -> torch.optim.Optimizer:
         from deepspeed.ops.adam import DeepSpeedCPUAdam
 
         return DeepSpeedCPUAdam(groups, lr=opt.lr, betas=opt.betas, eps=opt.eps, adamw_mode=True)
-    return torch.optim.AdamW(groups, lr=opt.lr, betas=opt.betas, eps=opt.eps)
+    fused = opt.fused == "on" or (opt.fused == "auto" and torch.cuda.is_available())
+    return torch.optim.AdamW(groups, lr=opt.lr, betas=opt.betas, eps=opt.eps, fused=fused or None)
 
 
 def make_part(name: str, module: nn.Module, cfg: Config, ds_config: dict[str, Any]) -> Part:

@@ -134,12 +134,32 @@ def build_all(cfg: Config, dist: Dist, precision: Precision, stage: Stage) -> Bu
         raise PipelineError(f"stage {cfg.stage!r} declares no trainable parts")
     if cfg.ckpt.init_from:
         load_initial_weights(trainable, cfg.ckpt.init_from)
+    for module in trainable.values():
+        apply_fast_path(module, cfg, dist.device)
     frozen = freeze(stage.build_frozen(), dist.device, precision.dtype)
     ds_config = build_deepspeed_config(cfg, precision, dist.device)
     parts = {name: make_part(name, module, cfg, ds_config) for name, module in trainable.items()}
     emas = {name: EMA(part.module, cfg.train.ema_decay) for name, part in parts.items()} \
         if cfg.train.ema_decay > 0 else {}
     return Built(parts, frozen, emas)
+
+
+def switched_on(setting: str, device: torch.device) -> bool:
+    """An 'auto' | 'on' | 'off' speed switch: 'auto' means on with CUDA."""
+    return setting == "on" or (setting == "auto" and device.type == "cuda")
+
+
+def apply_fast_path(module: nn.Module, cfg: Config, device: torch.device) -> None:
+    """train.compile on one trainable network, in place (state dict keys unchanged).
+
+    No channels-last weights: DeepSpeed's initial broadcast views every parameter as bytes (refused for a
+    channels-last tensor) and its flat bf16 / ZeRO-1/2 buffers re-create parameters as contiguous views anyway.
+    """
+    if switched_on(cfg.train.compile, device):
+        if cfg.dist.zero_stage == 3:
+            log.warning("train.compile: left eager under ZeRO-3 (its parameter hooks break graph capture)")
+            return
+        module.compile(backend=cfg.train.compile_backend)
 
 
 def build_train_loader(sources: DataSources, data: DataConfig, spec: SampleSpec, cfg: Config,

@@ -409,3 +409,24 @@ def test_mask_cache_sees_in_place_edits() -> None:
         torch.testing.assert_close(attn(x, text, attention_mask=inference_bias), second, **TOL)
         inference_bias.zero_()
         torch.testing.assert_close(attn(x, text, attention_mask=inference_bias), first, **TOL)
+
+
+def test_trusted_layouts_match_the_exact_decomposition():
+    """The CUDA fast path (no value reads) gives the same padding/causal split as the exact check on the two mask
+    layouts our models produce, and declines any other layout."""
+    from pipeline.models.diffusers_attention import decompose_mask, trusted_layout
+
+    keep = torch.tensor([[1, 1, 0, 0, 0], [1, 1, 1, 1, 1]], dtype=torch.bool)
+    unet_bias = ((1 - keep.float()) * -10000.0)[:, None, :]  # what UNet2DConditionModel hands a cross-attention
+    fast = trusted_layout(unet_bias, 2, 4, 9, allow_causal=False)
+    exact = decompose_mask(unet_bias, 2, 4, 9, allow_causal=False)
+    assert fast[1] == exact[1] is False and torch.equal(fast[0][0], exact[0][0]) and fast[0][1].all()
+    heads, length = 3, 5
+    causal = torch.full((length, length), -10000.0).triu(1)
+    prior_bias = ((1 - keep.float()) * -10000.0)[:, None, :] + causal  # padding + causal, per sample
+    prior_bias = prior_bias.repeat_interleave(heads, dim=0)
+    fast = trusted_layout(prior_bias, 2, heads, length, allow_causal=True)
+    exact = decompose_mask(prior_bias, 2, heads, length, allow_causal=True)
+    assert fast[1] is True and exact[1] is True and torch.equal(fast[0][0], exact[0][0])
+    assert trusted_layout(keep, 2, 4, 9, allow_causal=False) is None  # bool 2-D: the exact path
+    assert trusted_layout(prior_bias, 2, heads, length, allow_causal=False) is None
