@@ -13,6 +13,7 @@ from pipeline.errors import ConfigError
 
 STAGES: dict[str, str] = {
     "clip": "pipeline.stages.clip:ClipStage",
+    "prior": "pipeline.stages.prior:PriorStage",
     "unet": "pipeline.stages.unet:UNetStage",
 }
 
