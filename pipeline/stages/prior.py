@@ -93,11 +93,6 @@ class PriorStage(Stage):
         if cfg.train.activation_checkpointing:
             raise ConfigError("train.activation_checkpointing: diffusers' PriorTransformer does not support gradient "
                               "checkpointing; set it to false")
-        if cfg.dist.zero_stage == 1:
-            # DeepSpeed writes frozen parameters into a ZeRO-1 checkpoint only as part of the module state, which
-            # zero_to_fp32 (our export and ckpt.init_from) does not read: clip_mean/clip_std would be lost.
-            raise ConfigError("dist.zero_stage: 1 is not supported by the prior stage (its frozen clip_mean/clip_std "
-                              "would be missing from exported weights); use 0, 2 or 3")
         self.schedule: NoiseSchedule = build_schedule(self.mcfg.diffusion, self.mcfg.diffusion.shift_base_resolution)
         make_scheduler(self.schedule, self.mcfg.sampling.sampler)  # sampler settings that cannot work fail now
         self._info: ClipInfo | None = None

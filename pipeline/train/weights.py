@@ -75,6 +75,11 @@ def consolidated_weights(ckpt: Path, part: str, use_ema: bool) -> dict[str, torc
         # zero_to_fp32 prints progress lines and bars
         with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
             state = dict(get_fp32_state_dict_from_zero_checkpoint(str(ckpt / part), tag=DS_TAG))
+        if meta["zero_stage"] in (1, 2):
+            # zero_to_fp32 rebuilds what the optimizer partitions hold (+ buffers); at ZeRO-1 it leaves out frozen
+            # parameters (e.g. the prior's clip_mean/clip_std). ZeRO 1-2 keep the full module state beside them.
+            for key, value in _zero0_weights(ckpt / part / DS_TAG).items():
+                state.setdefault(key, value)
     if use_ema:
         ema = read_full_ema(ckpt, part)
         if ema is not None:

@@ -136,8 +136,6 @@ def test_config_errors_are_one_clear_line(clip, tmp_path):
         _stage(folder, tmp_path, sampling={"candidates": 0})
     with pytest.raises(ConfigError, match="PriorTransformer does not support gradient checkpointing"):
         _stage(folder, tmp_path, train={"activation_checkpointing": True})
-    with pytest.raises(ConfigError, match="dist.zero_stage: 1 is not supported by the prior stage"):
-        _stage(folder, tmp_path, zero_stage=1)
     with pytest.raises(ConfigError, match=r"'raw' needs the CLIP text width \(32\) to equal its embedding width"):
         _stage(folder, tmp_path, text_tokens="raw").sample_spec()
     with pytest.raises(ConfigError, match=r"data.resolution \(32\) must equal the image size of the CLIP .* \(16\)"):

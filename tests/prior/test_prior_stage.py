@@ -113,3 +113,12 @@ def test_missing_clip_is_one_clear_line(shards, tmp_path):
     with pytest.raises(PipelineError, match="model.clip: .*no-clip does not exist"):
         train_inprocess(raw, tmp_path / "run")
     assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_zero1_checkpoint_exports_the_frozen_statistics(shards, clip_dir, tmp_path):
+    """ZeRO-1 keeps frozen parameters only in the module state, which zero_to_fp32 does not read: the consolidated
+    weights must still hold clip_mean/clip_std (export and ckpt.init_from read them)."""
+    raw = prior_config(shards, clip_dir, train={"max_steps": 2}, dist={"zero_stage": 1})
+    run = tmp_path / "run"
+    assert train_inprocess(raw, run) == 0
+    _assert_stats(weights(run)["prior"], *expected_stats(clip_dir, shards / "train", 64))
