@@ -146,9 +146,15 @@ class Text2Image:
 
     def _prior_sampler(self):
         if self._prior is None:
-            from pipeline.models.prior import PriorSampler
+            from pipeline.models.prior import PRIOR_JSON, PriorSampler
 
-            self._prior = PriorSampler.from_pretrained(self.bundle.folder("prior"), self._frozen_clip(), self.device)
+            folder = self.bundle.folder("prior")
+            expected = json.loads((folder / PRIOR_JSON).read_text(encoding="utf-8"))["clip"].get("weights_sha256")
+            have = {e["sha256"] for n, e in self.bundle.entry("clip")["files"].items() if n.endswith(".safetensors")}
+            if expected and expected not in have:
+                raise CheckpointError(f"{folder}: the prior was trained against another CLIP than the bundle's; "
+                                      "export the CLIP run it was trained with into the bundle")
+            self._prior = PriorSampler.from_pretrained(folder, self._frozen_clip(), self.device)
         return self._prior
 
     def embed_images(self, images: Sequence[ImageInput]) -> torch.Tensor:

@@ -172,6 +172,7 @@ class PriorSampler:
         from diffusers import PriorTransformer
 
         from pipeline.models.diffusers_attention import install_attention
+        from pipeline.train.weights import load_diffusers_strict
 
         meta = json.loads((Path(folder) / PRIOR_JSON).read_text(encoding="utf-8"))
         source = f"{Path(folder) / PRIOR_JSON}"
@@ -180,7 +181,7 @@ class PriorSampler:
             if getattr(frozen.info, key) != meta["clip"][key]:
                 raise ConfigError(f"{source}: the prior was trained against a CLIP with {key} {meta['clip'][key]}, "
                                   f"{frozen.info.path} has {getattr(frozen.info, key)}")
-        prior = PriorTransformer.from_pretrained(str(folder)).eval()
+        prior = load_diffusers_strict(PriorTransformer, Path(folder))  # a config/weights mismatch fails here
         install_attention(prior, meta.get("attention", "sdpa"))
         diffusion = from_dict(DiffusionConfig, meta["diffusion"], source=source)
         settings = from_dict(PriorSamplingConfig, meta["sampling"], source=source)
