@@ -80,7 +80,12 @@ def _load_stage(bundle: Bundle, name: str, device: torch.device, decode: Callabl
     meta = json.loads((folder / STAGE_CONFIG).read_text(encoding="utf-8"))
     mcfg = from_dict(UNetStageConfig, meta["model"], source=str(folder / STAGE_CONFIG), prefix="model")
     unet = load_diffusers_strict(UNet2DConditionModel, folder)
-    install_attention(unet, mcfg.attention if device.type == "cuda" else "sdpa")  # any backend: same function
+    backend = mcfg.attention if device.type == "cuda" else "sdpa"  # every backend computes the same function
+    install_attention(unet, backend)
+    if mcfg.unet.fused_norm:
+        from pipeline.models.fused_norm import install_fused_norm
+
+        install_fused_norm(unet, backend)
     if meta["space"] == "latent":
         if decode is None:
             raise UsageError(f"{folder}: a latent stage needs the bundle's autoencoder component")

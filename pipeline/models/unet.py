@@ -49,6 +49,9 @@ class UNetConfig:
     scale_shift_norm: bool = doc(True, "Condition ResNet blocks by scale and shift of the normalised features "
                                        "(Imagen/IF 'scale_shift') instead of adding the embedding.")
     pooled_text: bool = doc(True, "Add the masked mean of the T5 tokens to the time embedding (class projection).")
+    fused_norm: bool = doc(False, "Run each ResNet block's GroupNorm(+scale/shift)+SiLU pairs as one fused call "
+                                  "(the Triton kernel with model.attention: triton; a forward replacement, same state "
+                                  "dict; see pipeline/models/fused_norm.py and benchmarks/RESULTS.md).")
 
     def __post_init__(self) -> None:
         check(self.channels > 0, "model.unet.channels", f"must be > 0, got {self.channels}")

@@ -104,6 +104,10 @@ class UNetStage(Stage):
         unet = build_unet(self.mcfg.unet, sample_size=self.grid[1], in_channels=self.grid[0],
                           out_channels=self.grid[0], cond=self.conditioning(self._text_dim()))
         install_attention(unet, self.mcfg.attention)
+        if self.mcfg.unet.fused_norm:
+            from pipeline.models.fused_norm import install_fused_norm
+
+            install_fused_norm(unet, self.mcfg.attention)
         if self.cfg.train.activation_checkpointing:
             unet.enable_gradient_checkpointing()
         return {"unet": unet}
