@@ -120,7 +120,7 @@ class Text2Image:
         order = bundle.cascade()
         codec = None
         if any(bundle.entry(n).get("space") == "latent" for n in order):
-            from pipeline.models.autoencoder import load_autoencoder
+            from pipeline.stages.autoencoder import load_autoencoder
 
             codec = load_autoencoder(bundle.folder("autoencoder")).to(device)
         decode = codec.decode if codec is not None else None

@@ -12,6 +12,7 @@ import importlib
 from pipeline.errors import ConfigError
 
 STAGES: dict[str, str] = {
+    "autoencoder": "pipeline.stages.autoencoder:AutoencoderStage",
     "clip": "pipeline.stages.clip:ClipStage",
     "prior": "pipeline.stages.prior:PriorStage",
     "unet": "pipeline.stages.unet:UNetStage",

@@ -117,7 +117,7 @@ class UNetStage(Stage):
         if self.mcfg.text_source == "encoder":
             frozen["t5"] = FrozenT5Encoder(self.mcfg.text_encoder)
         if self.mcfg.space == "latent":  # also with precomputed latents: evaluation and grids decode
-            from pipeline.models.autoencoder import load_autoencoder
+            from pipeline.stages.autoencoder import load_autoencoder
 
             frozen["autoencoder"] = load_autoencoder(self.mcfg.autoencoder)
         return frozen

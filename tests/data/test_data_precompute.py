@@ -129,7 +129,7 @@ def test_parts_with_other_settings_do_not_merge(precomputed, tmp_path, capsys):
 def test_usage_and_source_errors(precomputed, tmp_path, capsys):
     assert main(["shards", "precompute", str(precomputed.src), "--out", str(tmp_path / "o"),
                  "--encoder", "vae:x"]) == 2
-    assert "unknown encoder 'vae'; valid: clip-image, clip-text, t5" in capsys.readouterr().err
+    assert "unknown encoder 'vae'; valid: clip-image, clip-text, latents, t5" in capsys.readouterr().err
     assert main(["shards", "precompute", str(precomputed.src), "--out", str(tmp_path / "o")]) == 2
     assert precompute(precomputed, precomputed.src, precomputed.src, arrays=("t5_emb",)) == 2
     assert "would overwrite them" in capsys.readouterr().err
