@@ -127,9 +127,17 @@ class Text2Image:
         return cls(bundle, [_load_stage(bundle, n, device, decode) for n in order], device, codec)
 
     # ------------------------------------------------------------------------------------------ helpers
-    def _encode_text(self, prompts: list[str], stage: StageSampler) -> tuple[torch.Tensor, torch.Tensor]:
+    def _encode_text(self, prompts: list[str] | None, stage: StageSampler,
+                     count: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """T5 tokens (B, L, D) and mask for `prompts`; None: `count` null conditions (variations without text)."""
+        from pipeline.models.unet import null_condition
         from pipeline.text.t5 import FrozenT5Encoder, T5EncoderConfig
 
+        if prompts is None:
+            dummy = {"text": torch.zeros(count, 1, stage.cond.text_dim, device=self.device),
+                     "mask": torch.ones(count, 1, dtype=torch.bool, device=self.device)}
+            null = null_condition(dummy, torch.ones(count, dtype=torch.bool, device=self.device), keys=("text",))
+            return null["text"], null["mask"]
         max_length = int(self.bundle.entry(self._name(stage))["t5"]["max_length"])
         if max_length not in self._t5:
             entry = self.bundle.entry("t5")
@@ -234,6 +242,20 @@ class Text2Image:
         """:meth:`generate` as PIL images."""
         return to_pil(self.generate(prompts, **kwargs))
 
+    def variations(self, image: ImageInput, *, num_images: int = 4, seed: int = 0, guidance: float | None = None,
+                   steps: int | None = None, sampler: str | None = None,
+                   progress: Callable[[int, int], None] | None = None) -> torch.Tensor:
+        """DALL-E 2 variations: images (N, 3, R, R) in [-1, 1] from `image`'s CLIP image embedding alone (the text
+        is the null condition; guidance acts on the image embedding)."""
+        if num_images < 1:
+            raise UsageError(f"--num-images must be >= 1, got {num_images}")
+        settings = self._settings(guidance, steps, sampler)
+        extra = self._image_embeds(["variation"] * num_images, seed, image, None)
+        encode = lambda prompts, stage: self._encode_text(None, stage, len(prompts))  # noqa: E731
+        with torch.no_grad():
+            return sample_cascade(self.stages, [""] * num_images, encode, seed=seed, settings=settings, extra=extra,
+                                  progress=progress)[-1]
+
     def interpolate(self, prompt: str, start: ImageInput | torch.Tensor, end: ImageInput | torch.Tensor, *,
                     frames: int = 5, seed: int = 0, **kwargs) -> list[Image.Image]:
         """DALL-E 2 interpolation: images along the slerp between two CLIP image embeddings (images or (E,)
@@ -259,16 +281,24 @@ def save_grid(images: list[Image.Image], path: Path) -> None:
     grid.save(path)
 
 
-def sample_to_file(bundle: Path, prompt: str, out: Path, *, num_images: int = 1, guidance: float | None = None,
+def sample_to_file(bundle: Path, prompt: str | None, out: Path, *, num_images: int = 1, guidance: float | None = None,
                    steps: int | None = None, sampler: str | None = None, seed: int = 0, device: str = "cpu",
                    out_dir: Path | None = None, image: Path | None = None, init_image: Path | None = None,
                    strength: float = 0.6, progress: Callable[[int, int], None] | None = None) -> list[Path]:
     """Generate images for `prompt` from `bundle` into the PNG grid `out` (and one PNG each into `out_dir`)."""
     if out.suffix.lower() != ".png":
         raise UsageError(f"--out must name a .png file, got {out}")
+    if prompt is None and image is None:
+        raise UsageError("give --prompt, or --image for variations of an image")
     t2i = Text2Image.from_bundle(bundle, device)
-    images = t2i(prompt, num_images=num_images, guidance=guidance, steps=steps, sampler=sampler, seed=seed,
-                 image=image, init_image=init_image, strength=strength, progress=progress)
+    if prompt is None:
+        if init_image is not None:
+            raise UsageError("--init-image needs a --prompt")
+        images = to_pil(t2i.variations(image, num_images=num_images, seed=seed, guidance=guidance, steps=steps,
+                                       sampler=sampler, progress=progress))
+    else:
+        images = t2i(prompt, num_images=num_images, guidance=guidance, steps=steps, sampler=sampler, seed=seed,
+                     image=image, init_image=init_image, strength=strength, progress=progress)
     save_grid(images, out)
     written = [out]
     if out_dir is not None:

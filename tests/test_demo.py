@@ -1,37 +1,85 @@
-"""The demo's code path (shards -> CLIP through the Trainer -> export -> open_clip reload -> figures), smoke-sized.
+"""The demo's whole code path, smoke-sized: shards -> CLIP -> CLIP-image precompute -> autoencoder -> prior -> base
+U-Net (T5 + CLIP image embedding) -> latent super-resolution U-Net -> one bundle -> held-out prompts sampled
+through the cascade -> report.json; a re-run resumes instead of retraining; a fresh process loading the bundle
+reproduces the demo's images bit for bit.
 
 The full demo (`make demo`) trains longer on more data; this guards the wiring, not the figures.
 """
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
 from pipeline.demo import DemoSize, run_demo
 
-SMOKE = DemoSize(train_samples=256, heldout_samples=64,
-                 clip_overrides=("train.max_steps=6", "train.micro_batch_size=16", "eval.every_steps=3",
-                                 "eval.max_samples=64", "eval.batch_size=16", "ckpt.every_steps=3",
-                                 "data.num_workers=0", "log.progress_bar=false", "log.tensorboard=false"))
+QUIET = ("data.num_workers=0", "log.progress_bar=false", "log.tensorboard=false")
+SMOKE = DemoSize(
+    train_samples=256, heldout_samples=64, prompts=4, sample_steps=4,
+    overrides={
+        "clip": ("train.max_steps=4", "train.micro_batch_size=16", "eval.every_steps=4", "eval.max_samples=32",
+                 "eval.batch_size=16", "ckpt.every_steps=4", *QUIET),
+        "autoencoder": ("train.max_steps=4", "train.micro_batch_size=4", "train.sample_every=4",
+                        "eval.every_steps=4", "eval.max_samples=16", "eval.batch_size=8", "ckpt.every_steps=4",
+                        "model.loss.disc_start_step=2", *QUIET),
+        "prior": ("train.max_steps=4", "train.micro_batch_size=16", "eval.every_steps=4", "eval.max_samples=32",
+                  "eval.batch_size=16", "ckpt.every_steps=4", "model.stats_samples=32", *QUIET),
+        "unet_base": ("train.max_steps=4", "train.micro_batch_size=8", "train.sample_every=4", "eval.every_steps=4",
+                      "eval.max_samples=16", "eval.batch_size=8", "ckpt.every_steps=4", "model.eval_prompts=4",
+                      "model.sampling.sampler.steps=4", *QUIET),
+        "unet_sr": ("train.max_steps=4", "train.micro_batch_size=8", "train.sample_every=4", "eval.every_steps=4",
+                    "eval.max_samples=16", "eval.batch_size=8", "ckpt.every_steps=4", "model.eval_prompts=4",
+                    "model.sampling.sampler.steps=4", *QUIET),
+    })
+REPORT_KEYS = ("seconds", "clip_t2i_recall_at_1", "autoencoder_psnr", "prior_cos", "baseline_cos", "fidelity_colour",
+               "fidelity_colour_no_guidance", "fidelity_position")
+REPO = Path(__file__).resolve().parents[1]
+RESAMPLE = """
+import json, sys
+from pathlib import Path
+from pipeline.sample import Text2Image, to_pil
+out = Path(sys.argv[1]); meta = json.loads((out / "samples" / "prompts.json").read_text())
+images = Text2Image.from_bundle(out / "bundle").generate(meta["prompts"], seed=meta["seed"], steps=meta["steps"])
+for i, image in enumerate(to_pil(images)):
+    image.save(out / f"again_{i:03d}.png")
+"""
 
 
 @pytest.mark.slow
-def test_demo_runs_end_to_end_and_reports_figures(tmp_path, capsys):
+def test_demo_runs_end_to_end_resumes_and_reproduces(tmp_path, capsys):
     import train_helpers
 
     train_helpers.ensure_process_group()  # in-process runs share one world-1 process group
     assert run_demo(tmp_path, SMOKE) == 0
     out = capsys.readouterr().out
-    for text in ("held-out retrieval", "t2i_recall@1", "zero-shot attributes", "colour", "not in this version yet"):
+    for text in ("CLIP text->image recall@1", "autoencoder PSNR", "prior: cosine", "prompt fidelity", "guidance on"):
         assert text in out
-    bundle = json.loads((tmp_path / "bundle" / "bundle.json").read_text())
-    assert bundle["components"]["clip"]["step"] == 6
-    assert (tmp_path / "bundle" / "clip" / "open_clip_model.safetensors").is_file()
-    # Re-running reuses the shards and resumes the finished run at its last step: nothing is retrained.
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert all(isinstance(report[key], (int, float)) for key in REPORT_KEYS), report
+    assert Path(report["bundle"]) == (tmp_path / "bundle").resolve()
+    index = json.loads((tmp_path / "bundle" / "bundle.json").read_text())
+    assert set(index["components"]) == {"clip", "t5", "autoencoder", "prior", "unet_base", "unet_sr64"}
+    assert index["cascade"] == ["unet_base", "unet_sr64"]
+    assert index["components"]["unet_base"]["image_embed_dim"] > 0  # the prior's embedding conditions the base
+    assert index["components"]["unet_sr64"]["space"] == "latent"  # the autoencoder's latents carry the SR stage
+    assert (tmp_path / "samples.png").is_file() and len(list((tmp_path / "samples").glob("guided_*.png"))) == 4
+
+    # Re-running reuses the shards and resumes every finished run at its last step: nothing is retrained.
     shard_times = {p: p.stat().st_mtime_ns for p in (tmp_path / "shards").rglob("*.tar")}
     assert run_demo(tmp_path, SMOKE) == 0
-    assert "t2i_recall@1" in capsys.readouterr().out
     assert {p: p.stat().st_mtime_ns for p in (tmp_path / "shards").rglob("*.tar")} == shard_times
-    steps = [json.loads(line)["step"] for line in (tmp_path / "runs/clip/metrics.jsonl").read_text().splitlines()]
-    assert steps[-1] == 6 and len(steps) == len(set(steps))
+    for stage in ("clip", "autoencoder", "prior", "unet_base", "unet_sr"):
+        steps = [json.loads(line)["step"] for line in (tmp_path / "runs" / stage / "metrics.jsonl").read_text()
+                 .splitlines()]
+        assert steps[-1] == 4 and len(steps) == len(set(steps)), stage
+
+    # A fresh process loading the bundle draws the same images, bit for bit.
+    done = subprocess.run([sys.executable, "-c", RESAMPLE, str(tmp_path)], cwd=REPO, capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    for i in range(4):
+        assert (tmp_path / f"again_{i:03d}.png").read_bytes() == (tmp_path / "samples" / f"guided_{i:03d}.png") \
+            .read_bytes()

@@ -13,7 +13,8 @@ def add_parser(sub: argparse._SubParsersAction, common: argparse.ArgumentParser)
                     "autoencoder decode -> PNG, with classifier-free guidance and dynamic thresholding. Settings "
                     "not given use each stage's defaults stored in the bundle.")
     parser.add_argument("bundle", type=Path, help="bundle directory written by `python -m pipeline export`")
-    parser.add_argument("--prompt", required=True, help="text prompt")
+    parser.add_argument("--prompt", default=None,
+                        help="text prompt (required unless --image is given alone: variations of that image)")
     parser.add_argument("--out", required=True, type=Path, help="output PNG (a grid when --num-images > 1)")
     parser.add_argument("--out-dir", type=Path, default=None, help="also write one PNG per image into this folder")
     parser.add_argument("--num-images", type=int, default=1, help="images to generate (default 1)")
@@ -27,7 +28,7 @@ def add_parser(sub: argparse._SubParsersAction, common: argparse.ArgumentParser)
     parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
     parser.add_argument("--image", type=Path, default=None,
                         help="variations of this image: its CLIP image embedding replaces the prior's (bundles with "
-                             "an unCLIP stage)")
+                             "an unCLIP stage); without --prompt the text is left out entirely (DALL-E 2 variations)")
     parser.add_argument("--init-image", type=Path, default=None, help="image-to-image (SDEdit) from this image")
     parser.add_argument("--strength", type=float, default=0.6,
                         help="with --init-image: how much of the sampling is redone, in (0, 1] (default 0.6)")
