@@ -38,6 +38,7 @@ class DemoSize:
     train_samples: int = 8192
     heldout_samples: int = 512
     prompts: int = 64  # held-out prompts sampled through the cascade for the fidelity figures
+    variations: int = 32  # held-out images whose DALL-E 2 variations are scored
     overrides: dict[str, tuple[str, ...]] = field(default_factory=dict)
     sample_steps: int | None = None  # None: each stage's own default
 
@@ -149,10 +150,14 @@ def sample_heldout(demo: Demo) -> dict:
     t2i = Text2Image.from_bundle(demo.bundle, device)
     guided = t2i.generate(prompts, seed=0, steps=demo.size.sample_steps)
     plain = t2i.generate(prompts, seed=0, steps=demo.size.sample_steps, guidance=1.0)
+    # DALL-E 2 variations of held-out images: the image's CLIP embedding alone (no text); do they keep its colours?
+    variations = torch.cat([t2i.variations(image, num_images=1, seed=i, steps=demo.size.sample_steps)
+                            for i, (_, image, _) in enumerate(scenes[:demo.size.variations])])
     demo.seconds["sampling"] = time.time() - start
     figures = {}
-    for suffix, images in (("", guided), ("_no_guidance", plain)):
-        sums = fidelity_sums(((images.float().cpu() + 1) / 2).clamp(0, 1), [objects for _, _, objects in scenes])
+    objects = [objects for _, _, objects in scenes]
+    for suffix, images in (("", guided), ("_no_guidance", plain), ("_variations", variations)):
+        sums = fidelity_sums(((images.float().cpu() + 1) / 2).clamp(0, 1), objects[:len(images)])
         figures.update({f"fidelity_{k}{suffix}": hits / count for k, (hits, count) in sums.items()})
     side = guided.shape[-1]
     reals = [image.resize((side, side), Image.BICUBIC) for _, image, _ in scenes[:16]]
@@ -165,7 +170,7 @@ def sample_heldout(demo: Demo) -> dict:
                                                                    "steps": demo.size.sample_steps}, indent=1))
     checker = validate_on_real(256, side)
     return {**figures, "checker_colour_on_real": checker["colour"], "checker_position_on_real": checker["position"],
-            "prompts": len(prompts)}
+            "prompts": len(prompts), "variations": len(variations)}
 
 
 def run_demo(out: Path, size: DemoSize = FULL) -> int:
@@ -219,6 +224,8 @@ def print_report(report: dict, out: Path) -> None:
     for attribute in ("colour", "position", "size", "shape"):
         _say(f"    {attribute:<8} guidance on {pct(f'fidelity_{attribute}'):>4}   off "
              f"{pct(f'fidelity_{attribute}_no_guidance'):>4}")
+    _say(f"  variations of {report['variations']} held-out images (their CLIP image embedding, no text) keep their "
+         f"colour in {pct('fidelity_colour_variations')}")
     _say(f"  (the checker scores real held-out images {pct('checker_colour_on_real')} colour, "
          f"{pct('checker_position_on_real')} position)")
     stages = ", ".join(f"{k} {v:.0f} s" for k, v in report["seconds_per_stage"].items())

@@ -18,7 +18,7 @@ from pipeline.demo import DemoSize, run_demo
 
 QUIET = ("data.num_workers=0", "log.progress_bar=false", "log.tensorboard=false")
 SMOKE = DemoSize(
-    train_samples=256, heldout_samples=64, prompts=4, sample_steps=4,
+    train_samples=256, heldout_samples=64, prompts=4, variations=2, sample_steps=4,
     overrides={
         "clip": ("train.max_steps=4", "train.micro_batch_size=16", "eval.every_steps=4", "eval.max_samples=32",
                  "eval.batch_size=16", "ckpt.every_steps=4", *QUIET),
