@@ -7,6 +7,7 @@ multi-node GPUs (NCCL). torch.distributed is always initialised, by us, with an 
 from __future__ import annotations
 
 import datetime
+import socket
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -18,7 +19,7 @@ import torch.distributed as tdist
 from torch import nn
 
 from pipeline.config import Config
-from pipeline.errors import PipelineError
+from pipeline.errors import PipelineError, UsageError
 from pipeline.train.ds_compat import scalar_parameters_supported
 from pipeline.train.launch_env import LaunchEnv
 
@@ -116,8 +117,12 @@ def process_group(env: LaunchEnv, cfg: Config, device: torch.device) -> Iterator
         kwargs: dict[str, Any] = {}
         if backend == "nccl":
             kwargs["device_id"] = device
-        tdist.init_process_group(backend, init_method=env.init_method, rank=env.rank,
-                                 world_size=env.world_size, timeout=timeout, **kwargs)
+        check_master_resolves(env)
+        try:
+            tdist.init_process_group(backend, init_method=env.init_method, rank=env.rank,
+                                     world_size=env.world_size, timeout=timeout, **kwargs)
+        except (RuntimeError, ValueError, TimeoutError) as exc:  # DistStoreError/DistNetworkError, gloo connect
+            raise _no_group(env, cfg.dist.timeout_s, exc) from None
     elif tdist.get_world_size() != env.world_size:
         raise PipelineError(f"torch.distributed is already initialised with world size {tdist.get_world_size()}, "
                             f"but the launch environment says {env.world_size}")
@@ -133,6 +138,27 @@ def process_group(env: LaunchEnv, cfg: Config, device: torch.device) -> Iterator
             release_gloo_tensors(device, handshake=completed)
         if owned and tdist.is_initialized():
             tdist.destroy_process_group()
+
+
+def _no_group(env: LaunchEnv, timeout_s: int, exc: BaseException) -> CollectiveError:
+    """The process group did not form: too few processes for WORLD_SIZE, or MASTER_ADDR:MASTER_PORT unreachable."""
+    first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return CollectiveError(
+        f"rank {env.rank}/{env.world_size}: no process group at {env.master_addr}:{env.master_port} within "
+        f"dist.timeout_s={timeout_s} s ({type(exc).__name__}: {first}); start all {env.world_size} processes "
+        f"({env.world_size_source}) and check that every node reaches MASTER_ADDR:MASTER_PORT")
+
+
+def check_master_resolves(env: LaunchEnv) -> None:
+    """A MASTER_ADDR that does not resolve fails now with its name, not after dist.timeout_s of connect retries."""
+    if env.world_size == 1:
+        return
+    try:
+        socket.getaddrinfo(env.master_addr, env.master_port, type=socket.SOCK_STREAM)
+    except OSError as exc:
+        raise UsageError(f"rank {env.rank}/{env.world_size}: MASTER_ADDR={env.master_addr} (from {env.launcher}) "
+                         f"does not resolve ({exc.strerror or exc}); set it to an address of the first node that "
+                         "every node can reach") from None
 
 
 GLOO_RELEASE_TIMEOUT_S = 5.0

@@ -1,5 +1,5 @@
 """Entry point for ``python -m pipeline train CONFIG --run-dir DIR``: launch environment -> process group ->
-Trainer -> exit code.
+start-up checks (every rank runs the same config and code and sees the same RUN_DIR) -> Trainer -> exit code.
 
 Exit codes: 0 when train.max_steps is reached (or was already reached by the checkpoint resumed from);
 ``ckpt.preempt_exit_code`` (default 0) after a stop signal made the run checkpoint and stop; errors raise
@@ -7,12 +7,19 @@ Exit codes: 0 when train.max_steps is reached (or was already reached by the che
 """
 from __future__ import annotations
 
+import hashlib
 import logging
+import sys
+import time
+import uuid
 import warnings
 from pathlib import Path
+from typing import Any
 
 from pipeline.config import Config
-from pipeline.train.backend import process_group, select_device
+from pipeline.config_schema import to_dict
+from pipeline.errors import PipelineError
+from pipeline.train.backend import Dist, process_group, select_device
 from pipeline.train.launch_env import deepspeed_environment, detect_launch_env
 from pipeline.train.setup import DataSources, default_data_sources
 from pipeline.train.signals import StopRequest
@@ -36,6 +43,98 @@ def _log_to_stderr(rank: int) -> None:
         logging.basicConfig(format="%(levelname)s %(name)s: %(message)s")
 
 
+def _flat(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def code_fingerprint(cfg: Config) -> dict[str, str]:
+    """sha256 of the source of every module this process loaded from this package and of the stage's module (a
+    stage outside the package, e.g. a user's own, is code too), plus library versions.
+
+    Loaded modules only: the code this run executes, and a file edited in the checkout that the run never imports
+    (another stage being written) does not fail a run whose ranks read it a moment apart.
+    """
+    import deepspeed
+    import torch
+
+    from pipeline.stages.registry import stage_class
+
+    package = Path(__file__).resolve().parents[1]
+    stage_module = stage_class(cfg.stage).__module__
+    files = {}
+    for name, module in list(sys.modules.items()):
+        path = Path(getattr(module, "__file__", None) or "/").resolve()
+        if path.suffix == ".py" and (package in path.parents or name == stage_module):
+            files[str(path.relative_to(package.parent)) if package in path.parents else f"stage module {name}"] = path
+    out = {name: hashlib.sha256(files[name].read_bytes()).hexdigest() for name in sorted(files)}
+    out.update({"torch version": torch.__version__, "deepspeed version": deepspeed.__version__})
+    return out
+
+
+def _first_difference(values: list[dict[str, Any]]) -> tuple[str, int, int] | None:
+    """(key, rank a, rank b) of the first key whose value differs between two ranks; None if all agree."""
+    for key in sorted(set().union(*values)):
+        seen = [v.get(key, "<missing>") for v in values]
+        other = next((r for r, v in enumerate(seen) if v != seen[0]), None)
+        if other is not None:
+            return key, 0, other
+    return None
+
+
+def check_ranks_agree(dist: Dist, cfg: Config) -> None:
+    """Every rank must run the same resolved config and the same code; fails on every rank naming what differs.
+
+    Nodes start their own command: a different --set, an edited config or another checkout on one node would
+    otherwise train silently wrong (or hang in mismatched collectives much later).
+    """
+    if dist.world_size == 1:
+        return
+    everyone = dist.gather_objects({"config": _flat(to_dict(cfg)), "code": code_fingerprint(cfg)})
+    configs = _first_difference([e["config"] for e in everyone])
+    if configs is not None:
+        key, a, b = configs
+        raise PipelineError(f"ranks were started with different configs: {key} is "
+                            f"{everyone[a]['config'].get(key)!r} on rank {a} but {everyone[b]['config'].get(key)!r} "
+                            f"on rank {b}; start every node with the same CONFIG and --set overrides")
+    code = _first_difference([e["code"] for e in everyone])
+    if code is not None:
+        key, a, b = code
+        values = f" ({everyone[a]['code'].get(key)} vs {everyone[b]['code'].get(key)})" if "version" in key else ""
+        raise PipelineError(f"ranks run different code: {key} differs between rank {a} and rank {b}{values}; run "
+                            "the same checkout and package versions on every node")
+
+
+SHARED_WAIT_S = 5.0  # network filesystems may show a new file to other nodes a moment late
+
+
+def check_run_dir_shared(dist: Dist, run_dir: Path) -> None:
+    """Rank 0 writes a marker into RUN_DIR; every rank must see it (checkpoints are written by all ranks into one
+    folder). Fails on every rank, before any model is built, naming the ranks that do not see it."""
+    if dist.world_size == 1:
+        return
+    name = dist.gather_objects(f".shared-check-{uuid.uuid4().hex}")[0]
+    marker = run_dir / name
+    if dist.rank == 0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        marker.write_text(name, encoding="utf-8")
+    dist.barrier("run dir check")
+    deadline = time.monotonic() + SHARED_WAIT_S
+    while not marker.is_file() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    blind = [rank for rank, seen in enumerate(dist.gather_objects(marker.is_file())) if not seen]
+    if dist.rank == 0:
+        marker.unlink(missing_ok=True)
+    if blind:
+        raise PipelineError(f"--run-dir {run_dir} is not shared by all ranks: rank(s) {blind} do not see a file "
+                            "rank 0 wrote there; put RUN_DIR on a filesystem every node mounts at the same path")
+
+
 def run_training(cfg: Config, run_dir: Path, *, sources: DataSources | None = None) -> int:
     """Train `cfg` in `run_dir`, resuming from its latest checkpoint (per ckpt.resume); returns the exit code.
 
@@ -53,6 +152,8 @@ def run_training(cfg: Config, run_dir: Path, *, sources: DataSources | None = No
         _quiet_deepspeed(env.rank)
         device = select_device(env)
         with process_group(env, cfg, device) as dist:
+            check_ranks_agree(dist, cfg)
+            check_run_dir_shared(dist, run_dir)
             trainer = Trainer(cfg, run_dir, dist, stop, sources or default_data_sources())
             try:
                 return trainer.run()

@@ -41,6 +41,12 @@ class LaunchEnv:
     launcher: str
 
     @property
+    def world_size_source(self) -> str:
+        """Where the world size came from, e.g. 'WORLD_SIZE=3' (for messages)."""
+        key = {"torchrun": "WORLD_SIZE", "slurm": "SLURM_NTASKS", "openmpi": "OMPI_COMM_WORLD_SIZE"}.get(self.launcher)
+        return f"{key}={self.world_size}" if key else "a single process"
+
+    @property
     def init_method(self) -> str:
         """The torch.distributed rendezvous URL (explicit, so no environment is consulted again)."""
         return f"tcp://{self.master_addr}:{self.master_port}"
