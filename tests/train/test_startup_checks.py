@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from pipeline.errors import PipelineError
-from train_helpers import base_config, train_inprocess, train_subprocess, write_config
+from train_helpers import base_config, train_inprocess, write_config
 
 
 def _clip_model() -> dict:
@@ -39,10 +39,21 @@ def test_a_missing_path_fails_before_training_naming_its_key(key, shards, tmp_pa
 
 @pytest.mark.slow
 def test_every_rank_reports_a_missing_eval_path(shards, tmp_path):
+    import subprocess
+
+    from train_helpers import REPO, TORCHRUN, subprocess_env
+
     raw = base_config(shards, data={"eval_urls": str(tmp_path / "heldout-typo")}, eval={"every_steps": 3})
     config = write_config(tmp_path / "run.yaml", raw)
-    done = train_subprocess(config, tmp_path / "run", 2, timeout=180)
+    logs = tmp_path / "logs"
+    # Each rank's stderr to its own file: on one shared pipe two ranks' lines may interleave mid-line.
+    command = [str(TORCHRUN), "--standalone", "--nproc_per_node=2", "--log-dir", str(logs), "--redirects", "2",
+               "-m", "pipeline", "train", str(config), "--run-dir", str(tmp_path / "run")]
+    done = subprocess.run(command, cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=180)
     assert done.returncode != 0
-    lines = [line for line in done.stderr.splitlines() if line.startswith("error: data.eval_urls")]
-    assert len(lines) == 2 and all("heldout-typo" in line for line in lines), done.stderr[-3000:]
+    errors = sorted(logs.rglob("stderr.log"))
+    assert len(errors) == 2, done.stderr[-3000:]
+    for path in errors:
+        last = path.read_text().strip().splitlines()[-1]
+        assert last.startswith("error: data.eval_urls") and "heldout-typo" in last, path.read_text()[-2000:]
     assert not Path(tmp_path / "run" / "metrics.jsonl").exists()
