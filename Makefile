@@ -35,6 +35,9 @@ $(STAMP): pyproject.toml constraints-cpu.txt Makefile
 	$(PY) -c "import deepspeed" 2>/dev/null || DS_BUILD_OPS=0 $(PIP) install $(CONSTRAINTS) --no-build-isolation deepspeed
 	$(PIP) install $(CONSTRAINTS) --no-build-isolation -e ".[test]"
 	$(PY) -c "import pipeline, open_clip, deepspeed, diffusers, webdataset, transformers, triton; print('setup ok: torch', __import__('torch').__version__)"
+	# DeepSpeed JIT-builds a small C++ op at its first CPU start (~35 s, cached in ~/.cache/torch_extensions): build
+	# it now, once, rather than inside the first training run or test, where a kill mid-build leaves a lock behind.
+	$(PY) -c "import pipeline; from deepspeed.comm.torch import build_shm_op; build_shm_op()"
 	touch $(STAMP)
 
 demo: setup
