@@ -175,6 +175,13 @@ def sample_heldout(demo: Demo) -> dict:
 
 def run_demo(out: Path, size: DemoSize = FULL) -> int:
     """Run the whole pipeline on the embedded synthetic data (see the module docstring); returns the exit code."""
+    from pipeline.train.entry import local_process_group
+
+    with local_process_group():  # five training runs in this one process
+        return _run_demo(out, size)
+
+
+def _run_demo(out: Path, size: DemoSize) -> int:
     start = time.time()
     out.mkdir(parents=True, exist_ok=True)
     demo = Demo(out, size)

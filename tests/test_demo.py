@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.demo import DemoSize, run_demo
+from pipeline.demo import DemoSize
 
 QUIET = ("data.num_workers=0", "log.progress_bar=false", "log.tensorboard=false")
 SMOKE = DemoSize(
@@ -48,13 +48,29 @@ for i, image in enumerate(to_pil(images)):
 """
 
 
-@pytest.mark.slow
-def test_demo_runs_end_to_end_resumes_and_reproduces(tmp_path, capsys):
-    import train_helpers
+DEMO = """
+import sys
+from pathlib import Path
+sys.path.insert(0, sys.argv[2])
+from test_demo import SMOKE
+from pipeline.demo import run_demo
+sys.exit(run_demo(Path(sys.argv[1]), SMOKE))
+"""
 
-    train_helpers.ensure_process_group()  # in-process runs share one world-1 process group
-    assert run_demo(tmp_path, SMOKE) == 0
-    out = capsys.readouterr().out
+
+def run_smoke_demo(out: Path) -> str:
+    """The demo in a fresh process, as `python -m pipeline demo` runs it (it owns its process group there)."""
+    from train_helpers import subprocess_env
+
+    done = subprocess.run([sys.executable, "-c", DEMO, str(out), str(Path(__file__).parent)], cwd=REPO,
+                          env=subprocess_env(), capture_output=True, text=True, timeout=1200)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
+    return done.stdout
+
+
+@pytest.mark.slow
+def test_demo_runs_end_to_end_resumes_and_reproduces(tmp_path):
+    out = run_smoke_demo(tmp_path)
     for text in ("CLIP text->image recall@1", "autoencoder PSNR", "prior: cosine", "prompt fidelity", "guidance on"):
         assert text in out
     report = json.loads((tmp_path / "report.json").read_text())
@@ -69,7 +85,7 @@ def test_demo_runs_end_to_end_resumes_and_reproduces(tmp_path, capsys):
 
     # Re-running reuses the shards and resumes every finished run at its last step: nothing is retrained.
     shard_times = {p: p.stat().st_mtime_ns for p in (tmp_path / "shards").rglob("*.tar")}
-    assert run_demo(tmp_path, SMOKE) == 0
+    run_smoke_demo(tmp_path)
     assert {p: p.stat().st_mtime_ns for p in (tmp_path / "shards").rglob("*.tar")} == shard_times
     for stage in ("clip", "autoencoder", "prior", "unet_base", "unet_sr"):
         steps = [json.loads(line)["step"] for line in (tmp_path / "runs" / stage / "metrics.jsonl").read_text()

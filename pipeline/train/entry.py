@@ -13,6 +13,8 @@ import sys
 import time
 import uuid
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -133,6 +135,33 @@ def check_run_dir_shared(dist: Dist, run_dir: Path) -> None:
     if blind:
         raise PipelineError(f"--run-dir {run_dir} is not shared by all ranks: rank(s) {blind} do not see a file "
                             "rank 0 wrote there; put RUN_DIR on a filesystem every node mounts at the same path")
+
+
+@contextmanager
+def local_process_group(timeout_s: int = 600) -> Iterator[None]:
+    """One single-process group for an application that trains several runs in this process (the demo, tests):
+    DeepSpeed caches process groups in module globals, so a group created after a first one was destroyed meets
+    stale caches ("Group ... is not registered"). Runs inside it use it and leave it alone; it ends at exit."""
+    import datetime
+
+    import torch
+    import torch.distributed as tdist
+
+    from pipeline.train.backend import release_gloo_tensors
+    from pipeline.train.launch_env import free_port
+
+    if tdist.is_initialized():
+        yield
+        return
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    tdist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1,
+                             timeout=datetime.timedelta(seconds=timeout_s))
+    try:
+        yield
+    finally:
+        if backend == "gloo":
+            release_gloo_tensors(torch.device("cpu"), handshake=True)
+        tdist.destroy_process_group()
 
 
 def run_training(cfg: Config, run_dir: Path, *, sources: DataSources | None = None) -> int:
