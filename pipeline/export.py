@@ -16,7 +16,7 @@ import torch
 
 from pipeline.bundle import add_component
 from pipeline.errors import UsageError
-from pipeline.train.weights import consolidated_weights, resolve_checkpoint, restore_stage  # noqa: F401  TEMP re-export
+from pipeline.train.weights import restore_stage
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 

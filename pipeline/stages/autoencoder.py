@@ -332,10 +332,9 @@ def load_autoencoder(path: str | Path, use_ema: bool = True) -> LatentCodec:
 
 def _vae_from_checkpoint(path: Path, use_ema: bool) -> nn.Module:
     from pipeline.config import config_from_text
-    from pipeline.export import consolidated_weights, resolve_checkpoint
     from pipeline.train.checkpoint import CONFIG_YAML, read_trainer_json
     from pipeline.train.manifest import verify_checkpoint
-    from pipeline.train.setup import load_strict
+    from pipeline.train.weights import consolidated_weights, load_strict, resolve_checkpoint
 
     ckpt = resolve_checkpoint(path)
     verify_checkpoint(ckpt)

@@ -22,7 +22,7 @@ from pipeline.stages.registry import stage_class
 from pipeline.train.backend import Dist, Part, make_part
 from pipeline.train.ds_config import Precision, build_deepspeed_config
 from pipeline.train.ema import EMA
-from pipeline.train.weights import consolidated_weights, load_strict, resolve_checkpoint  # noqa: F401  TEMP: load_strict re-exported
+from pipeline.train.weights import consolidated_weights, load_strict, resolve_checkpoint
 
 log = logging.getLogger(__name__)
 

@@ -19,7 +19,7 @@ from pipeline.models.prior import PriorSampler, normalize_embedding, prior_forwa
 from pipeline.stages.base import StageContext
 from pipeline.stages.prior import PriorStage
 from pipeline.train.ema import read_full_ema
-from pipeline.train.setup import load_strict
+from pipeline.train.weights import load_strict
 from prior_helpers import expected_stats, export_tiny_clip, prior_config
 from train_helpers import read_metrics, train_inprocess, weights
 

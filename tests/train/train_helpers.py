@@ -130,7 +130,7 @@ def losses(run_dir: Path) -> dict[int, float | None]:
 
 def weights(run_dir: Path, checkpoint: str = "latest", use_ema: bool = False) -> dict[str, dict[str, torch.Tensor]]:
     """Consolidated full weights of every part of a checkpoint (the export path, without writing a bundle)."""
-    from pipeline.export import consolidated_weights, resolve_checkpoint
+    from pipeline.train.weights import consolidated_weights, resolve_checkpoint
     from pipeline.train.checkpoint import read_trainer_json
 
     ckpt = resolve_checkpoint(run_dir, checkpoint)

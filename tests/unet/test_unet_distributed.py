@@ -13,10 +13,9 @@ from PIL import Image
 from pipeline.config import load_config
 from pipeline.data.loader import build_eval_loader
 from pipeline.data.spec import normalize_batch
-from pipeline.export import consolidated_weights, resolve_checkpoint
 from pipeline.stages.base import StageContext
 from pipeline.stages.unet import UNetStage
-from pipeline.train.setup import load_strict
+from pipeline.train.weights import consolidated_weights, load_strict, resolve_checkpoint
 from train_helpers import (assert_same_weights, latest_name, losses, read_metrics, start_subprocess,
                            train_subprocess, wait_for, weights, write_config)
 from unet_helpers import unet_config
