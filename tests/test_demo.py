@@ -93,8 +93,12 @@ def test_demo_runs_end_to_end_resumes_and_reproduces(tmp_path):
         assert steps[-1] == 4 and len(steps) == len(set(steps)), stage
 
     # A fresh process loading the bundle draws the same images, bit for bit.
-    done = subprocess.run([sys.executable, "-c", RESAMPLE, str(tmp_path)], cwd=REPO, capture_output=True, text=True,
-                          timeout=600)
+    # Same thread count as the demo's process: CPU kernels split their reductions by thread, so bit-exact
+    # reproduction holds for a given machine and OMP_NUM_THREADS (a different count changes the last bits).
+    from train_helpers import subprocess_env
+
+    done = subprocess.run([sys.executable, "-c", RESAMPLE, str(tmp_path)], cwd=REPO, env=subprocess_env(),
+                          capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     for i in range(4):
         assert (tmp_path / f"again_{i:03d}.png").read_bytes() == (tmp_path / "samples" / f"guided_{i:03d}.png") \

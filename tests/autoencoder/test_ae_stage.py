@@ -61,7 +61,10 @@ def test_kl_stage_trains_both_parts_switches_the_gan_on_evaluates_and_exports(sh
     assert all(r["generator/gan_weight"] == 0 and r["generator/gan_loss"] == 0 for r in before)
     assert all(r["loss/discriminator"] == 0 and r["discriminator/disc_loss"] > 0 for r in before)
     assert all(r["generator/gan_weight"] > 0 and r["generator/gan_loss"] != 0 for r in after)
-    assert all(r["loss/discriminator"] == r["discriminator/disc_loss"] > 0 for r in after)
+    # The same loss, averaged over the two micro-batches in fp32 (the loss) and in fp64 (the metric): equal to
+    # rounding, not bit for bit.
+    assert all(r["loss/discriminator"] == pytest.approx(r["discriminator/disc_loss"], rel=1e-6) for r in after)
+    assert all(r["discriminator/disc_loss"] > 0 for r in after)
     assert len({round(r["discriminator/disc_loss"], 6) for r in after}) == 3  # the discriminator loss moves
     assert all(r["generator/kl_loss"] > 0 and r["generator/rec_loss"] > 0 for r in records)
     # Both engines step: the discriminator only once the GAN is on (zero gradients before, no weight decay)
