@@ -42,12 +42,17 @@ class ImageEmbedConfig:
                         "stage; training reads them precomputed (array clip_image_emb of data.precomputed_urls: "
                         "python -m pipeline shards precompute SRC --out DIR --encoder clip-image:CLIP_DIR), at the "
                         "CLIP's own resolution whatever this stage's resolution is.")
-    drop_prob: float = doc(0.1, "Probability that a sample's image embedding is replaced by zeros (its own "
-                                "classifier-free guidance dropout, independent of the text's).")
+    drop_prob: float = doc(0.1, "Probability that a sample's image embedding alone is replaced by zeros (the "
+                                "text kept). model.cond_drop_prob drops text and embedding together (the "
+                                "unconditional branch of guidance).")
+    text_drop_prob: float = doc(0.1, "Probability that a sample's text alone is replaced by the null condition (the "
+                                     "embedding kept): the state DALL-E 2 variations sample from.")
 
     def __post_init__(self) -> None:
         check(self.dim >= 0, "model.image_embed.dim", f"must be >= 0, got {self.dim}")
         check(0.0 <= self.drop_prob < 1.0, "model.image_embed.drop_prob", f"must be in [0, 1), got {self.drop_prob}")
+        check(0.0 <= self.text_drop_prob < 1.0, "model.image_embed.text_drop_prob",
+              f"must be in [0, 1), got {self.text_drop_prob}")
         check(not self.dim or bool(self.clip), "model.image_embed.clip",
               "must name the exported CLIP folder whose embeddings condition the stage (model.image_embed.dim > 0)")
 
@@ -72,8 +77,9 @@ class UNetStageConfig:
                    "data.precomputed_urls (python -m pipeline shards precompute --encoder t5:PATH:MAXLEN).")
     attention: Literal["sdpa", "triton", "xformers"] = doc("sdpa", "Attention kernel of every U-Net attention.")
     diffusion: DiffusionConfig = doc(DiffusionConfig(), "Noise schedule, training target and loss weighting.")
-    cond_drop_prob: float = doc(0.1, "Probability that a sample's text is replaced by the null condition "
-                                     "(classifier-free guidance training).")
+    cond_drop_prob: float = doc(0.1, "Probability that a sample's whole condition (text, and the image embedding "
+                                     "of an unCLIP stage) is replaced by the null condition (classifier-free "
+                                     "guidance training).")
     super_res: SuperResConfig = doc(SuperResConfig(), "Super-resolution settings (low_res 0 = base stage).")
     image_embed: ImageEmbedConfig = doc(ImageEmbedConfig(), "CLIP image-embedding (unCLIP) conditioning.")
     sampling: SamplingConfig = doc(SamplingConfig(), "Default sampling settings (grids, evaluation, export).")
