@@ -37,7 +37,7 @@ class DemoSize:
 
     train_samples: int = 8192
     heldout_samples: int = 512
-    prompts: int = 64  # held-out prompts sampled through the cascade for the fidelity figures
+    prompts: int = 128  # held-out prompts sampled through the cascade for the fidelity figures
     variations: int = 32  # held-out images whose DALL-E 2 variations are scored
     overrides: dict[str, tuple[str, ...]] = field(default_factory=dict)
     sample_steps: int | None = None  # None: each stage's own default
