@@ -4,8 +4,6 @@ to an uninterrupted run."""
 from __future__ import annotations
 
 import math
-import os
-import signal
 from pathlib import Path
 
 import pytest
@@ -13,8 +11,8 @@ import torch
 
 from pipeline.export import export_run
 from prior_helpers import expected_stats, export_tiny_clip, prior_config
-from train_helpers import (assert_same_weights, latest_name, losses, read_metrics, start_subprocess,
-                           train_subprocess, wait_for, weights, write_config)
+from train_helpers import (assert_same_weights, kill_and_resume, losses, read_metrics, train_subprocess, weights,
+                           write_config)
 
 pytestmark = pytest.mark.slow
 
@@ -48,18 +46,7 @@ def test_sigkill_then_rerun_is_bit_identical(shards, clip_dir, tmp_path):
                        data={"num_workers": 2, "shuffle_buffer": 16, "crop": "random"},
                        eval={"every_steps": 0}, ckpt={"every_steps": 8, "keep_last": 0})
     config = write_config(tmp_path / "resume.yaml", raw)
-    ref, run = tmp_path / "ref", tmp_path / "run"
-    done = train_subprocess(config, ref, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
-    proc = start_subprocess(config, run, 1)
-    wait_for(lambda: latest_name(run) == "step_00000008", 300, proc, "the step-8 checkpoint")
-    os.killpg(proc.pid, signal.SIGKILL)  # the trainer and its data workers, mid-step 9 or later
-    proc.wait(timeout=30)
-    assert not (run / "checkpoints" / "step_00000024").exists()
-    resumed = train_subprocess(config, run, timeout=600)
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert "resumed from" in resumed.stderr and "(step 8)" in resumed.stderr
-    assert [r["step"] for r in read_metrics(run)] == list(range(1, 25))
+    ref, run = kill_and_resume(config, tmp_path, 24)
     assert losses(run) == losses(ref)
     assert_same_weights(weights(run), weights(ref))
     assert_same_weights(weights(run, use_ema=True), weights(ref, use_ema=True))

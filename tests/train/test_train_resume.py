@@ -13,14 +13,13 @@ The SIGKILL experiment by hand (from the repository root; CONFIG as written by r
 """
 from __future__ import annotations
 
-import os
 import signal
 from pathlib import Path
 
 from pipeline.export import export_run
 from pipeline.train.manifest import verify_checkpoint
-from train_helpers import (assert_same_weights, base_config, latest_name, losses, read_metrics, start_subprocess,
-                           train_subprocess, wait_for, weights, write_config)
+from train_helpers import (assert_same_weights, base_config, kill_and_resume, latest_name, losses, read_metrics,
+                           start_subprocess, wait_for, weights, write_config)
 
 
 def resume_config(shards: Path, tmp_path: Path, **sections) -> Path:
@@ -34,21 +33,8 @@ def resume_config(shards: Path, tmp_path: Path, **sections) -> Path:
 
 def test_sigkill_then_rerun_is_bit_identical(shards, tmp_path):
     config = resume_config(shards, tmp_path)
-    ref, run = tmp_path / "ref", tmp_path / "run"
-    done = train_subprocess(config, ref)
-    assert done.returncode == 0, done.stderr[-3000:]
-
     # >= 0.3 s per step (sleeps do not change the numbers), so steps 9-12 cannot all finish before the kill
-    proc = start_subprocess(config, run, 1, "model.step_sleep_s=0.15")
-    wait_for(lambda: latest_name(run) == "step_00000008", 180, proc, "the step-8 checkpoint")
-    os.killpg(proc.pid, signal.SIGKILL)  # the trainer and its data workers, mid-step 9 or later
-    proc.wait(timeout=30)
-    assert not (run / "checkpoints" / "step_00000012").exists()
-
-    resumed = train_subprocess(config, run)
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert "resumed from" in resumed.stderr and "step 8" in resumed.stderr
-    assert [r["step"] for r in read_metrics(run)] == list(range(1, 13))  # one record per step
+    ref, run = kill_and_resume(config, tmp_path, 12, "model.step_sleep_s=0.15", timeout=240)
     ref_losses, run_losses = losses(ref), losses(run)
     assert [run_losses[s] for s in range(9, 13)] == [ref_losses[s] for s in range(9, 13)]
     assert_same_weights(weights(run), weights(ref))

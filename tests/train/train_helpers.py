@@ -115,6 +115,26 @@ def wait_for(predicate, timeout: float, proc: subprocess.Popen | None = None, wh
     raise AssertionError(f"timed out after {timeout} s waiting for {what}")
 
 
+def kill_and_resume(config: Path, tmp_path: Path, max_steps: int, *overrides: str,
+                    timeout: float = 600) -> tuple[Path, Path]:
+    """An uninterrupted reference run, and a run SIGKILLed (with its data workers) after its step-8 checkpoint and
+    re-run to the end; asserts the kill landed before the end, the re-run resumed at step 8 and logged every step
+    once. Returns (ref, run) run dirs. `overrides` apply to the killed attempt only (e.g. a step sleep)."""
+    ref, run = tmp_path / "ref", tmp_path / "run"
+    done = train_subprocess(config, ref, timeout=timeout)
+    assert done.returncode == 0, done.stderr[-3000:]
+    proc = start_subprocess(config, run, 1, *overrides)
+    wait_for(lambda: latest_name(run) == "step_00000008", 300, proc, "the step-8 checkpoint")
+    os.killpg(proc.pid, signal.SIGKILL)  # the trainer and its data workers, mid-step 9 or later
+    proc.wait(timeout=30)
+    assert not (run / "checkpoints" / f"step_{max_steps:08d}").exists()
+    resumed = train_subprocess(config, run, timeout=timeout)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resumed from" in resumed.stderr and "(step 8)" in resumed.stderr
+    assert [r["step"] for r in read_metrics(run)] == list(range(1, max_steps + 1))  # one record per step
+    return ref, run
+
+
 def latest_name(run_dir: Path) -> str | None:
     path = run_dir / "checkpoints" / "latest"
     return path.read_text().strip() if path.is_file() else None

@@ -2,8 +2,6 @@
 are collective there), and the SIGKILL-then-rerun resume of a unet run, bit-identical to an uninterrupted one."""
 from __future__ import annotations
 
-import os
-import signal
 
 import numpy as np
 import pytest
@@ -16,8 +14,8 @@ from pipeline.data.spec import normalize_batch
 from pipeline.stages.base import StageContext
 from pipeline.stages.unet import UNetStage
 from pipeline.train.weights import consolidated_weights, load_strict, resolve_checkpoint
-from train_helpers import (assert_same_weights, latest_name, losses, read_metrics, start_subprocess,
-                           train_subprocess, wait_for, weights, write_config)
+from train_helpers import (assert_same_weights, kill_and_resume, losses, read_metrics, train_subprocess, weights,
+                           write_config)
 from unet_helpers import unet_config
 
 pytestmark = pytest.mark.slow
@@ -69,18 +67,7 @@ def test_sigkill_then_rerun_is_bit_identical(shards, tmp_path):
                       data={"num_workers": 2, "shuffle_buffer": 16, "crop": "random"},
                       eval={"every_steps": 0}, ckpt={"every_steps": 8, "keep_last": 0})
     config = write_config(tmp_path / "resume.yaml", raw)
-    ref, run = tmp_path / "ref", tmp_path / "run"
-    done = train_subprocess(config, ref, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
-    proc = start_subprocess(config, run, 1)
-    wait_for(lambda: latest_name(run) == "step_00000008", 300, proc, "the step-8 checkpoint")
-    os.killpg(proc.pid, signal.SIGKILL)  # the trainer and its data workers, mid-step 9 or later
-    proc.wait(timeout=30)
-    assert not (run / "checkpoints" / "step_00000040").exists()
-    resumed = train_subprocess(config, run, timeout=600)
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert "resumed from" in resumed.stderr and "(step 8)" in resumed.stderr
-    assert [r["step"] for r in read_metrics(run)] == list(range(1, 41))
+    ref, run = kill_and_resume(config, tmp_path, 40)
     assert losses(run) == losses(ref)
     assert_same_weights(weights(run), weights(ref))
     assert_same_weights(weights(run, use_ema=True), weights(ref, use_ema=True))
