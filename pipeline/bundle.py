@@ -10,13 +10,18 @@ Layout (each component is what its users' library loads directly)::
     bundle.json    format version, every component (its stage, checkpoint, step, EMA, dtype, the size and
                    sha256 of every file) and the cascade: the unet components in order of resolution with each
                    stage's resolution, space and default sampling settings
+    .lock          taken by writers (:func:`bundle_lock`)
 
-Several runs export into one bundle (one component each, merged into the index atomically). Readers verify
-every file of the components they use against the index before loading anything (:meth:`Bundle.open`).
+Several runs export into one bundle (one component each, merged into the index atomically), also at the same time
+from several processes: writers hold :func:`bundle_lock`. Readers verify every file of the components they use
+against the index before loading anything (:meth:`Bundle.open`).
 """
 from __future__ import annotations
 
+import fcntl
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -56,8 +61,27 @@ def cascade_order(components: dict[str, dict[str, Any]]) -> list[str]:
     return [name for _, _, name in sorted(unets)]
 
 
+@contextmanager
+def bundle_lock(bundle: Path) -> Iterator[None]:
+    """Hold the bundle's writer lock (an flock on BUNDLE/.lock, released if the holder dies).
+
+    Exports of several runs into one bundle may run at once (the demo's two training chains, a team's export
+    jobs): without it two writers of bundle.json each drop the other's component, and two U-Net stages rewrite
+    the shared t5/ folder under each other. Not re-entrant: take it once around a whole export.
+    """
+    bundle = Path(bundle)
+    bundle.mkdir(parents=True, exist_ok=True)
+    with open(bundle / ".lock", "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
 def add_component(bundle: Path, name: str, entry: dict[str, Any]) -> None:
-    """Index component `name` (its folder already written) with the size and sha256 of every file; atomic."""
+    """Index component `name` (its folder already written) with the size and sha256 of every file; atomic for
+    readers; concurrent writers hold :func:`bundle_lock`."""
     bundle = Path(bundle)
     index = read_index(bundle) if (bundle / BUNDLE_JSON).is_file() else {"format_version": BUNDLE_FORMAT,
                                                                           "components": {}}

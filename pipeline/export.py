@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from pipeline.bundle import add_component
+from pipeline.bundle import add_component, bundle_lock
 from pipeline.errors import UsageError
 from pipeline.train.weights import restore_stage
 
@@ -35,15 +35,15 @@ def export_run(run_dir: Path, out: Path, *, checkpoint: str = "latest", use_ema:
     for module in modules.values():
         module.to(DTYPES[dtype])
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     name = stage.component_name()
     folder = out / name
-    if folder.exists():  # a re-export replaces the component: stale files would fail the bundle's verification
-        shutil.rmtree(folder)
-    info = stage.export(modules, folder) or {}
-    for helper, entry in stage.export_helpers(out, DTYPES[dtype], t5_reference).items():
-        add_component(out, helper, entry)
-    add_component(out, name, {"kind": stage.name, "stage": stage.cfg.stage, "checkpoint": str(restored.ckpt.resolve()),
-                              "step": restored.meta["step"], "ema": restored.ema, "parts": restored.meta["parts"],
-                              "dtype": dtype, **info})
+    with bundle_lock(out):  # other exports into this bundle may be running
+        if folder.exists():  # a re-export replaces the component: stale files would fail the bundle's verification
+            shutil.rmtree(folder)
+        info = stage.export(modules, folder) or {}
+        for helper, entry in stage.export_helpers(out, DTYPES[dtype], t5_reference).items():
+            add_component(out, helper, entry)
+        add_component(out, name, {"kind": stage.name, "stage": stage.cfg.stage,
+                                  "checkpoint": str(restored.ckpt.resolve()), "step": restored.meta["step"],
+                                  "ema": restored.ema, "parts": restored.meta["parts"], "dtype": dtype, **info})
     return folder

@@ -130,3 +130,37 @@ def test_damaged_bundles_fail_with_one_line_and_exit_1(bundle, tmp_path, capsys)
     (copy3 / BUNDLE_JSON).write_text(json.dumps(index))
     assert "weights do not match the model" in run(copy3)
     assert "not an export bundle" in run(tmp_path)
+
+
+def test_concurrent_exports_into_one_bundle_keep_every_component(bundle, tmp_path, monkeypatch):
+    """Two runs exported into one bundle at the same time (the demo's two training chains do this): each export
+    holds the bundle's lock, so neither drops the other's component from bundle.json nor rewrites the shared t5/
+    folder under the other. Hashing is slowed so that, without the lock, both read the index before either writes."""
+    import threading
+    import time
+
+    import pipeline.bundle as bundle_module
+    from pipeline.bundle import Bundle
+
+    hash_files = bundle_module.describe_files
+
+    def slow_describe(folder):
+        time.sleep(0.3)
+        return hash_files(folder)
+
+    monkeypatch.setattr(bundle_module, "describe_files", slow_describe)
+    out, errors = tmp_path / "together", []
+
+    def export(name):
+        try:
+            export_run(bundle.parent / name, out)
+        except Exception as error:  # noqa: BLE001 - reported by the assertion below
+            errors.append(error)
+
+    threads = [threading.Thread(target=export, args=(name,)) for name in ("base", "sr")]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    assert not errors
+    assert set(Bundle.open(out).components) == {"unet_base", "unet_sr16", "t5"}
