@@ -103,3 +103,23 @@ def test_demo_runs_end_to_end_resumes_and_reproduces(tmp_path):
     for i in range(4):
         assert (tmp_path / f"again_{i:03d}.png").read_bytes() == (tmp_path / "samples" / f"guided_{i:03d}.png") \
             .read_bytes()
+
+
+@pytest.mark.slow
+def test_a_failing_step_stops_both_chains_with_one_line_naming_it(tmp_path):
+    """The two training chains run in their own processes: a step that fails (here the autoencoder's config) ends
+    the demo with one error naming the step and its log, the other chain is stopped, and no process is left."""
+    import multiprocessing
+    from dataclasses import replace
+
+    from pipeline.demo import run_demo
+    from pipeline.errors import PipelineError
+
+    bad = replace(SMOKE, overrides={**SMOKE.overrides,
+                                    "autoencoder": (*SMOKE.overrides["autoencoder"], "model.autoencoder.kind=vq2")})
+    with pytest.raises(PipelineError, match=r"model\.autoencoder\.kind.*\(output: .*logs/autoencoder\.log\)") as error:
+        run_demo(tmp_path, bad)
+    assert "\n" not in str(error.value)
+    assert not multiprocessing.active_children()
+    # The CLIP chain was stopped, not left to finish: CLIP (about 10 s here) never reached the bundle.
+    assert not (tmp_path / "bundle" / "clip").exists() and not (tmp_path / "report.json").exists()
