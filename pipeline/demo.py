@@ -210,14 +210,19 @@ def train_chains(demo: Demo, chains: tuple[tuple[str, ...], ...] = CHAINS) -> No
             try:
                 kind, step, value = messages.get(timeout=2.0)
             except queue.Empty:
-                for worker, left in zip(workers, pending):
-                    if left and worker.exitcode is not None:
-                        raise PipelineError(f"demo step {left[0]} crashed (exit code {worker.exitcode}); its "
-                                            f"output: {demo.logs / f'{left[0]}.log'}")
-                if time.time() >= next_progress:
-                    _say("  progress: " + ", ".join(_progress(demo, left[0]) for left in pending if left))
-                    next_progress = time.time() + PROGRESS_EVERY_S
-                continue
+                dead = [(worker, left[0]) for worker, left in zip(workers, pending) if left and
+                        worker.exitcode is not None]
+                try:  # a chain that exited may have sent its error just after the wait above gave up
+                    kind, step, value = messages.get(timeout=1.0) if dead else (None, None, None)
+                except queue.Empty:
+                    worker, step = dead[0]
+                    raise PipelineError(f"demo step {step} crashed (exit code {worker.exitcode}); its output: "
+                                        f"{demo.logs / f'{step}.log'}") from None
+                if kind is None:
+                    if time.time() >= next_progress:
+                        _say("  progress: " + ", ".join(_progress(demo, left[0]) for left in pending if left))
+                        next_progress = time.time() + PROGRESS_EVERY_S
+                    continue
             if kind == "error":
                 raise PipelineError(f"{value} (output: {demo.logs / f'{step}.log'})")
             for left in pending:
@@ -322,7 +327,10 @@ def sample_heldout(demo: Demo) -> dict:
 
 
 def run_demo(out: Path, size: DemoSize = FULL) -> int:
-    """Run the whole pipeline on the embedded synthetic data (see the module docstring); returns the exit code."""
+    """Run the whole pipeline on the embedded synthetic data (see the module docstring); returns the exit code.
+
+    The training chains are spawned processes, so a script calling this needs the ``if __name__ == "__main__":``
+    guard (multiprocessing's spawn start method re-imports the script)."""
     start = time.time()
     out.mkdir(parents=True, exist_ok=True)
     demo = Demo(out, size)

@@ -123,3 +123,15 @@ def test_a_failing_step_stops_both_chains_with_one_line_naming_it(tmp_path):
     assert not multiprocessing.active_children()
     # The CLIP chain was stopped, not left to finish: CLIP (about 10 s here) never reached the bundle.
     assert not (tmp_path / "bundle" / "clip").exists() and not (tmp_path / "report.json").exists()
+
+
+def test_a_chain_that_dies_without_a_word_is_reported_with_its_log(tmp_path):
+    """A chain process that crashes outside the demo's own errors (here a step name no chain knows: a KeyError)
+    is still reported in one line naming the step and the log that holds its traceback; nothing hangs."""
+    from pipeline.demo import Demo, train_chains
+    from pipeline.errors import PipelineError
+
+    demo = Demo(tmp_path, SMOKE)
+    with pytest.raises(PipelineError, match=r"demo step nonsense crashed \(exit code 1\); its output: .*nonsense\.log"):
+        train_chains(demo, (("nonsense",),))
+    assert "KeyError: 'nonsense'" in (tmp_path / "logs" / "nonsense.log").read_text()
