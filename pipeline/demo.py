@@ -28,7 +28,6 @@ from pipeline.errors import PipelineError
 RESOLUTION = 64
 SHARD_SIZE = 1024
 CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "demo"
-STAGES = ("clip", "autoencoder", "prior", "unet_base", "unet_sr")
 STAGE_CONFIGS = {"clip": "clip", "autoencoder": "autoencoder", "prior": "prior", "unet_base": "unet_unclip",
                  "unet_sr": "unet_sr"}  # stage -> configs/demo/<name>.yaml
 # The stages form two chains that train side by side, each process on half of the cores: the autoencoder and the
@@ -45,7 +44,7 @@ PROGRESS_EVERY_S = 60.0
 class DemoSize:
     """How much data, training and sampling the demo uses; `FULL` is the real demo, tests run a smoke-sized one.
 
-    overrides: per stage (a name of STAGES), --set style overrides applied over its configs/demo YAML.
+    overrides: per stage (a name of STAGE_CONFIGS), --set style overrides applied over its configs/demo YAML.
     """
 
     train_samples: int = 8192
@@ -103,7 +102,7 @@ class Demo:
                                   "ckpt.preempt_exit_code=75", *self.size.overrides.get(name, ())])
 
     def run_step(self, name: str) -> float:
-        """Run one step of a chain (a stage of STAGES, or "precompute"); returns its seconds."""
+        """Run one step of a chain (a stage of STAGE_CONFIGS, or "precompute"); returns its seconds."""
         start = time.time()
         if name == "precompute":
             self.precompute_clip_images()
@@ -185,12 +184,10 @@ def _train_chain(out: Path, size: DemoSize, chain: tuple[str, ...], threads: int
 
 
 def train_chains(demo: Demo, chains: tuple[tuple[str, ...], ...] = CHAINS) -> None:
-    """Train `chains` side by side, each in a spawned process with its share of the cores
-    (CPU) or on the one GPU; progress and each finished step's held-out figure are printed here. A failing step
-    stops the other chains (a training stage checkpoints first) and raises PipelineError naming the step and its
-    output."""
+    """Train `chains` side by side, each in a spawned process with its share of the cores (CPU) or on the one GPU;
+    progress and each finished step's held-out figure are printed here. A failing step stops the other chains (a
+    training stage checkpoints first) and raises PipelineError naming the step and its output."""
     import multiprocessing
-    import queue
 
     # spawn, not fork: this process may hold torch threads, and a forked child would inherit their locks
     context = multiprocessing.get_context("spawn")
@@ -207,22 +204,13 @@ def train_chains(demo: Demo, chains: tuple[tuple[str, ...], ...] = CHAINS) -> No
     try:
         next_progress = time.time() + PROGRESS_EVERY_S
         while any(pending):
-            try:
-                kind, step, value = messages.get(timeout=2.0)
-            except queue.Empty:
-                dead = [(worker, left[0]) for worker, left in zip(workers, pending) if left and
-                        worker.exitcode is not None]
-                try:  # a chain that exited may have sent its error just after the wait above gave up
-                    kind, step, value = messages.get(timeout=1.0) if dead else (None, None, None)
-                except queue.Empty:
-                    worker, step = dead[0]
-                    raise PipelineError(f"demo step {step} crashed (exit code {worker.exitcode}); its output: "
-                                        f"{demo.logs / f'{step}.log'}") from None
-                if kind is None:
-                    if time.time() >= next_progress:
-                        _say("  progress: " + ", ".join(_progress(demo, left[0]) for left in pending if left))
-                        next_progress = time.time() + PROGRESS_EVERY_S
-                    continue
+            message = _next_message(messages, workers, pending, demo.logs)
+            if message is None:
+                if time.time() >= next_progress:
+                    _say("  progress: " + ", ".join(_progress(demo, left[0]) for left in pending if left))
+                    next_progress = time.time() + PROGRESS_EVERY_S
+                continue
+            kind, step, value = message
             if kind == "error":
                 raise PipelineError(f"{value} (output: {demo.logs / f'{step}.log'})")
             for left in pending:
@@ -242,6 +230,25 @@ def train_chains(demo: Demo, chains: tuple[tuple[str, ...], ...] = CHAINS) -> No
             worker.close()
         messages.close()  # its semaphores go now, not in a warning from the resource tracker at exit
         messages.join_thread()
+
+
+def _next_message(messages, workers: list, pending: list[list[str]], logs: Path) -> tuple | None:
+    """The next ("done" | "error", step, value) from the chains, or None after 2 s of silence; a chain process that
+    exited with steps left and said nothing raises PipelineError naming its step and log."""
+    import queue
+
+    try:
+        return messages.get(timeout=2.0)
+    except queue.Empty:
+        pass
+    for worker, left in zip(workers, pending):
+        if left and worker.exitcode is not None:
+            try:  # it may have sent its error just after the wait above gave up
+                return messages.get(timeout=1.0)
+            except queue.Empty:
+                raise PipelineError(f"demo step {left[0]} crashed (exit code {worker.exitcode}); its output: "
+                                    f"{logs / f'{left[0]}.log'}") from None
+    return None
 
 
 def _progress(demo: Demo, step: str) -> str:
