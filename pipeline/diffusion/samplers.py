@@ -20,7 +20,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from diffusers import (DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler,
@@ -31,10 +31,6 @@ from torch import Tensor
 from pipeline.config_schema import check, doc
 from pipeline.diffusion.schedules import NoiseSchedule, check_target, scheduler_betas, x0_eps_from_output
 from pipeline.errors import ConfigError
-
-SAMPLERS: tuple[str, ...] = ("ddpm", "ddim", "dpmpp_2m", "euler", "heun")
-# Schedulers whose state is a sigma (x lives in "VE" space x0 + sigma*eps and may sit between integer timesteps)
-SIGMA_SAMPLERS: tuple[str, ...] = ("dpmpp_2m", "euler", "heun")
 
 # "trailing" spacing (Lin et al. 2023, Table 2) always starts at t = T-1, the noisiest timestep, where pure noise
 # is the right start. "leading" starts at (n-1)*(T//n) (e.g. 990 of 1000 for 10 steps) and "linspace" at 0 for a
@@ -48,9 +44,9 @@ Predict = Callable[[Tensor, Tensor], Tensor]
 class SamplerConfig:
     """Which sampler generates images, and how many network evaluations it spends."""
 
-    name: Literal["ddpm", "ddim", "dpmpp_2m", "euler", "heun"] = doc(
-        "dpmpp_2m", "Sampler: 'ddpm' (ancestral), 'ddim', 'dpmpp_2m' (DPM-Solver++ 2M), 'euler', 'heun' (2nd order, "
-                    "2*steps-1 network evaluations).")
+    name: str = doc(
+        "dpmpp_2m", "Sampler (a key of SAMPLER_KINDS): 'ddpm' (ancestral), 'ddim', 'dpmpp_2m' (DPM-Solver++ 2M), "
+                    "'euler', 'heun' (2nd order, 2*steps-1 network evaluations).")
     steps: int = doc(30, "Sampling steps, 1..model.diffusion.num_timesteps; for 'ddim' a divisor of num_timesteps.")
     eta: float = doc(0.0, "DDIM only: 0 = deterministic DDIM, 1 = DDPM-like ancestral noise (unitless, 0-1).")
     karras: bool = doc(False, "Karras et al. sigma spacing for euler / heun / dpmpp_2m (ignored by ddpm and ddim); off by "
@@ -69,6 +65,50 @@ class SamplerConfig:
 PREDICTION_TYPES: dict[str, str] = {"eps": "epsilon", "x0": "sample", "v": "v_prediction"}
 
 
+@dataclass(frozen=True)
+class SamplerKind:
+    """One sampler: its diffusers scheduler class and what our loop must know about it (the only per-sampler code).
+
+    scheduler: the class; options(sampler config) -> its constructor arguments beyond the shared ones;
+    sigma_indexed: its state is indexed by a sigma table that may sit between integer timesteps (the noise level
+    at loop position i is ``sigmas[i]``, not the reported timestep); step_options(sampler config, generators) ->
+    extra ``step()`` arguments; image_to_image: a run may start part-way (Heun's steps are pairs of evaluations);
+    steps_divide_timesteps: the step count must divide T (DDIMScheduler steps from t to t - T // steps whatever
+    timestep comes next; with any other count the sample and the timestep the model is told drift apart, measured
+    5% apart at 30 steps, 5x at 600). Which space its sample lives in (VP or "x0 + sigma * eps") is not listed: the loop asks the scheduler
+    (``init_noise_sigma``, ``scale_model_input``), so a new scheduler cannot be given the wrong start.
+    """
+
+    scheduler: type[SchedulerMixin]
+    options: Callable[[SamplerConfig], dict[str, Any]]
+    sigma_indexed: bool
+    step_options: Callable[[SamplerConfig, list[torch.Generator] | None], dict[str, Any]]
+    image_to_image: bool = True
+    steps_divide_timesteps: bool = False
+
+
+def _with_generator(_: SamplerConfig, gens: list[torch.Generator] | None) -> dict[str, Any]:
+    return {"generator": gens}
+
+
+SAMPLER_KINDS: dict[str, SamplerKind] = {
+    "ddpm": SamplerKind(DDPMScheduler, lambda s: {"variance_type": "fixed_small", "clip_sample": False,
+                                                  "thresholding": False}, False, _with_generator),
+    "ddim": SamplerKind(DDIMScheduler, lambda s: {"clip_sample": False, "thresholding": False,
+                                                  "set_alpha_to_one": True}, False,
+                        lambda s, gens: {"eta": s.eta, "generator": gens}, steps_divide_timesteps=True),
+    "dpmpp_2m": SamplerKind(DPMSolverMultistepScheduler,
+                            lambda s: {"algorithm_type": "dpmsolver++", "solver_order": 2, "thresholding": False,
+                                       "use_karras_sigmas": s.karras, "final_sigmas_type": "zero"},
+                            True, _with_generator),
+    "euler": SamplerKind(EulerDiscreteScheduler, lambda s: {"use_karras_sigmas": s.karras, "final_sigmas_type": "zero"},
+                         True, _with_generator),
+    "heun": SamplerKind(HeunDiscreteScheduler, lambda s: {"use_karras_sigmas": s.karras, "clip_sample": False},
+                        True, lambda s, gens: {}, image_to_image=False),  # Heun's step() takes no generator
+}
+SAMPLERS: tuple[str, ...] = tuple(SAMPLER_KINDS)
+
+
 def make_scheduler(schedule: NoiseSchedule, sampler: SamplerConfig, target: str = "eps") -> SchedulerMixin:
     """A fresh diffusers scheduler reproducing `schedule` (via ``trained_betas``), before ``set_timesteps``.
 
@@ -80,32 +120,14 @@ def make_scheduler(schedule: NoiseSchedule, sampler: SamplerConfig, target: str 
     if sampler.steps > T:
         raise ConfigError(f"model.sampling.sampler.steps ({sampler.steps}) must be <= "
                           f"model.diffusion.num_timesteps ({T})")
-    if sampler.name == "ddim" and T % sampler.steps:
-        # DDIMScheduler steps from t to t - T // steps whatever timestep comes next; with any other step count
-        # the sample and the timestep the model is told drift apart (measured: 5% apart at 30 steps, 5x at 600).
+    kind = SAMPLER_KINDS[sampler.name]
+    if kind.steps_divide_timesteps and T % sampler.steps:
         raise ConfigError(f"model.sampling.sampler.steps ({sampler.steps}) must divide model.diffusion.num_timesteps "
-                          f"({T}) for the 'ddim' sampler (e.g. {', '.join(str(d) for d in _divisors_near(T, sampler.steps))})")
-    betas, prediction = scheduler_betas(schedule), PREDICTION_TYPES[target]
-    if sampler.name == "ddpm":
-        return DDPMScheduler(num_train_timesteps=T, trained_betas=betas, prediction_type=prediction,
-                             variance_type="fixed_small", clip_sample=False, thresholding=False,
-                             timestep_spacing=TIMESTEP_SPACING)
-    if sampler.name == "ddim":
-        return DDIMScheduler(num_train_timesteps=T, trained_betas=betas, prediction_type=prediction,
-                             clip_sample=False, thresholding=False, set_alpha_to_one=True,
-                             timestep_spacing=TIMESTEP_SPACING)
-    if sampler.name == "dpmpp_2m":
-        return DPMSolverMultistepScheduler(num_train_timesteps=T, trained_betas=betas, prediction_type=prediction,
-                                           algorithm_type="dpmsolver++", solver_order=2, thresholding=False,
-                                           use_karras_sigmas=sampler.karras, final_sigmas_type="zero",
-                                           timestep_spacing=TIMESTEP_SPACING)
-    if sampler.name == "euler":
-        return EulerDiscreteScheduler(num_train_timesteps=T, trained_betas=betas, prediction_type=prediction,
-                                      use_karras_sigmas=sampler.karras, final_sigmas_type="zero",
-                                      timestep_spacing=TIMESTEP_SPACING)
-    return HeunDiscreteScheduler(num_train_timesteps=T, trained_betas=betas, prediction_type=prediction,
-                                 use_karras_sigmas=sampler.karras, clip_sample=False,
-                                 timestep_spacing=TIMESTEP_SPACING)
+                          f"({T}) for the {sampler.name!r} sampler (e.g. "
+                          f"{', '.join(str(d) for d in _divisors_near(T, sampler.steps))})")
+    return kind.scheduler(num_train_timesteps=T, trained_betas=scheduler_betas(schedule),
+                          prediction_type=PREDICTION_TYPES[target], timestep_spacing=TIMESTEP_SPACING,
+                          **kind.options(sampler))
 
 
 def _divisors_near(n: int, target: int, most: int = 4) -> list[int]:
@@ -114,27 +136,56 @@ def _divisors_near(n: int, target: int, most: int = 4) -> list[int]:
     return sorted(sorted(divisors, key=lambda d: abs(d - target))[:most])
 
 
-def scheduler_config(schedule: NoiseSchedule, sampler: SamplerConfig, *, target: str) -> dict[str, Any]:
+# Every diffusers scheduler key that changes how x0 is clamped, with the value that does what our loop does. A user
+# who swaps the exported scheduler (``DDIMScheduler.from_config(config)``, the common idiom) otherwise gets that
+# class's defaults: DDIM's and DDPM's clip_sample=True clamps x0 to [-1, 1] at every step (measured on a small
+# v-prediction stage: 12/30 images as prompted instead of 25/30). Keys of other schedulers are ignored by
+# ``from_config`` without a warning (diffusers drops keys of compatible classes).
+_NO_CLAMP = {"clip_sample": False, "thresholding": False}
+
+
+def _x0_limits(threshold: float | None) -> dict[str, Any]:
+    """The clamp keys for a stage sampled with `threshold`: None = nothing (latents), 0 = a static clamp to
+    [-1, 1], p = Imagen's dynamic thresholding at percentile p (pipeline.diffusion.guidance.dynamic_threshold).
+
+    diffusers' thresholding computes s = clamp(quantile(|x0|, ratio), 1, sample_max_value) and x0 = clamp(x0, -s,
+    s) / s: with sample_max_value the float32 maximum it is our dynamic thresholding, with 1 a static clamp.
+    """
+    if threshold is None:
+        return dict(_NO_CLAMP)
+    if threshold == 0:
+        return {"clip_sample": True, "clip_sample_range": 1.0, "thresholding": True,
+                "dynamic_thresholding_ratio": 0.995, "sample_max_value": 1.0}
+    return {"clip_sample": False, "thresholding": True, "dynamic_thresholding_ratio": threshold,
+            "sample_max_value": float(torch.finfo(torch.float32).max)}
+
+
+def scheduler_config(schedule: NoiseSchedule, sampler: SamplerConfig, *, target: str,
+                     threshold: float | None = None) -> dict[str, Any]:
     """The JSON-able scheduler config export saves next to the U-Net (``scheduler_config.json``).
 
     `target` must be the U-Net's own parameterisation (model.diffusion.target): diffusers pipelines hand the raw
-    U-Net output to ``scheduler.step``, so the saved prediction_type has to name what the U-Net predicts. Exactly
-    what diffusers' ``save_config`` writes (the config plus ``_class_name`` and ``_diffusers_version``), so
-    ``getattr(diffusers, d["_class_name"]).from_config(d)`` rebuilds the same scheduler.
+    U-Net output to ``scheduler.step``, so the saved prediction_type has to name what the U-Net predicts. It is
+    what diffusers' ``save_config`` writes (the config plus ``_class_name`` and ``_diffusers_version``), with the
+    x0 clamp of the stage written out for every scheduler that has one (`threshold`: see :func:`_x0_limits`), so
+    ``getattr(diffusers, d["_class_name"]).from_config(d)`` rebuilds the same scheduler and any other diffusers
+    scheduler built from it clamps as our loop does (checked for the classes in tests/diffusion).
     """
-    return json.loads(make_scheduler(schedule, sampler, target).to_json_string())
+    config = json.loads(make_scheduler(schedule, sampler, target).to_json_string())
+    config.update(_x0_limits(threshold))
+    return config
 
 
-def _noise_level(scheduler: SchedulerMixin, sampler: SamplerConfig, schedule: NoiseSchedule, index: int,
+def _noise_level(scheduler: SchedulerMixin, kind: SamplerKind, schedule: NoiseSchedule, index: int,
                  timestep: Tensor, batch: int, device: torch.device) -> tuple[Tensor, Tensor]:
     """(t for the model (B,) float32, abar (B,) float64) of the sample at loop position `index`.
 
-    Sigma-space schedulers may sit between the timesteps they report (DPM-Solver rounds its Karras timesteps to
+    Sigma-indexed schedulers may sit between the timesteps they report (DPM-Solver rounds its Karras timesteps to
     integers) and Heun's second evaluation is at the *next* sigma, so their truth is ``sigmas[index]`` (sigmas and
     timesteps are index-aligned, Heun's duplicates included, and the step index starts at 0, see sample_loop);
     abar = 1 / (1 + sigma^2) and t is the fractional timestep of that sigma.
     """
-    if sampler.name in SIGMA_SAMPLERS:
+    if kind.sigma_indexed:
         sigma = scheduler.sigmas[index].to(device=device, dtype=torch.float64)
         t = schedule.sigma_to_t(sigma)
         abar = 1.0 / (1.0 + sigma**2)
@@ -142,16 +193,6 @@ def _noise_level(scheduler: SchedulerMixin, sampler: SamplerConfig, schedule: No
         t = timestep.to(device=device, dtype=torch.float64)
         abar = schedule.alpha_bar(t)
     return t.expand(batch).to(torch.float32), abar.expand(batch)
-
-
-def _step(scheduler: SchedulerMixin, sampler: SamplerConfig, x0: Tensor, timestep: Tensor, x: Tensor,
-          generators: list[torch.Generator] | None) -> Tensor:
-    """One scheduler update from the (possibly thresholded) x0; only ddpm and ddim with eta > 0 draw noise."""
-    if sampler.name == "heun":  # Heun's step takes no generator (it never draws noise)
-        return scheduler.step(x0, timestep, x).prev_sample
-    if sampler.name == "ddim":
-        return scheduler.step(x0, timestep, x, eta=sampler.eta, generator=generators).prev_sample
-    return scheduler.step(x0, timestep, x, generator=generators).prev_sample
 
 
 def _prepared_scheduler(schedule: NoiseSchedule, sampler: SamplerConfig, device: torch.device) -> SchedulerMixin:
@@ -166,7 +207,7 @@ def _prepared_scheduler(schedule: NoiseSchedule, sampler: SamplerConfig, device:
         # (Karras sigmas of a cosine schedule map several sigmas to t ~ 999; Heun repeats every timestep), start at
         # the second occurrence, skipping a sigma and running off the end of the sigma table on the last step.
         scheduler.set_begin_index(0)
-    if sampler.name in SIGMA_SAMPLERS:
+    if SAMPLER_KINDS[sampler.name].sigma_indexed:
         # Same values, wider type: their updates subtract sigmas (dt = sigma_next - sigma ~ 3.8 - 2e4), and in
         # float32 that difference alone is off by 1e-3, i.e. 3e-4 of the next noise level.
         scheduler.sigmas = scheduler.sigmas.to(torch.float64)
@@ -177,21 +218,29 @@ def _start_index(sampler: SamplerConfig, total: int, strength: float) -> int:
     """Loop position an image-to-image run starts at: (1 - strength) of the steps skipped, at least one kept."""
     if not 0.0 < strength <= 1.0:
         raise ValueError(f"strength must be in (0, 1], got {strength}")
-    if sampler.name == "heun" and strength < 1.0:
-        raise ValueError("image-to-image (strength < 1) is not supported with the 'heun' sampler (its steps are "
-                         "pairs of evaluations); use dpmpp_2m, euler, ddim or ddpm")
+    if not SAMPLER_KINDS[sampler.name].image_to_image and strength < 1.0:
+        able = ", ".join(name for name, kind in SAMPLER_KINDS.items() if kind.image_to_image)
+        raise ValueError(f"image-to-image (strength < 1) is not supported with the {sampler.name!r} sampler; use "
+                         f"one of {able}")
     return min(total - 1, int(round(total * (1.0 - strength))))
 
 
-def _noised_start(scheduler: SchedulerMixin, sampler: SamplerConfig, schedule: NoiseSchedule, init: Tensor,
+def _noised_start(scheduler: SchedulerMixin, kind: SamplerKind, schedule: NoiseSchedule, init: Tensor,
                   noise: Tensor, index: int) -> Tensor:
-    """`init` noised to the level of loop position `index`, in the scheduler's own space (VE for sigma samplers)."""
-    _, abar = _noise_level(scheduler, sampler, schedule, index, scheduler.timesteps[index], init.shape[0],
-                           noise.device)
+    """`init` noised to the level of loop position `index`, in the scheduler's own sample space.
+
+    The forward process gives the model's input x_t = sqrt(abar) init + sqrt(1 - abar) noise (VP). Schedulers
+    keep their sample in different spaces (Euler/Heun: x_t / sqrt(abar) = x0 + sigma * eps; DDIM, DDPM and
+    DPM-Solver: x_t itself), and ``scale_model_input`` is, by diffusers' contract, the map from their space to the
+    model's input; so the start is x_t divided by that map's factor at this step, asked of the scheduler itself.
+    """
+    timestep = scheduler.timesteps[index]
+    _, abar = _noise_level(scheduler, kind, schedule, index, timestep, init.shape[0], noise.device)
     shape = (-1,) + (1,) * (init.dim() - 1)
     a, s = abar.sqrt().view(shape), (1.0 - abar).sqrt().view(shape)
     x_t = a * init.to(torch.float64) + s * noise.to(torch.float64)
-    return x_t / a if sampler.name in SIGMA_SAMPLERS else x_t
+    factor = scheduler.scale_model_input(torch.ones((), dtype=torch.float64, device=noise.device), timestep)
+    return x_t / factor
 
 
 def sample_loop(predict: Predict, noise: Tensor, schedule: NoiseSchedule, target: str, sampler: SamplerConfig, *,
@@ -217,6 +266,7 @@ def sample_loop(predict: Predict, noise: Tensor, schedule: NoiseSchedule, target
     if generators is not None and len(generators) != batch:
         raise ValueError(f"generators: need one per image ({batch}), got {len(generators)}")
     gens = list(generators) if generators is not None else None
+    kind = SAMPLER_KINDS[sampler.name]
     scheduler = _prepared_scheduler(schedule, sampler, noise.device)
     timesteps = scheduler.timesteps
     total = len(timesteps)
@@ -224,13 +274,13 @@ def sample_loop(predict: Predict, noise: Tensor, schedule: NoiseSchedule, target
     if start:
         if hasattr(scheduler, "set_begin_index"):  # step-index schedulers; DDPM/DDIM step from the timestep itself
             scheduler.set_begin_index(start)
-        x = _noised_start(scheduler, sampler, schedule, init, noise, start)
+        x = _noised_start(scheduler, kind, schedule, init, noise, start)
     else:
         x = noise.to(torch.float64) * scheduler.init_noise_sigma
     for index in range(start, total):
         timestep = timesteps[index]
         x_in = scheduler.scale_model_input(x, timestep)  # x_t in VP space for every scheduler
-        t, abar = _noise_level(scheduler, sampler, schedule, index, timestep, batch, noise.device)
+        t, abar = _noise_level(scheduler, kind, schedule, index, timestep, batch, noise.device)
         out = predict(x_in.to(torch.float32), t)
         x0, _ = x0_eps_from_output(x_in, out.to(torch.float64), abar, target)
         if threshold is not None:
@@ -241,5 +291,5 @@ def sample_loop(predict: Predict, noise: Tensor, schedule: NoiseSchedule, target
             # Every sampler's last update lands on the clean sample (sigma 0 / abar 1), where it returns x0 itself
             # (plus, for ddpm, noise of std 1e-10): returning our x0 is the same, without the float32 round trip.
             return x0.to(torch.float32)
-        x = _step(scheduler, sampler, x0.to(torch.float64), timestep, x, gens)
+        x = scheduler.step(x0.to(torch.float64), timestep, x, **kind.step_options(sampler, gens)).prev_sample
     raise AssertionError("unreachable: set_timesteps produced no timesteps")
