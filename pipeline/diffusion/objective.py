@@ -43,16 +43,29 @@ def _generator_device(generator: torch.Generator | None, device: torch.device) -
     return generator.device if generator is not None else device
 
 
+def stratified_timesteps(batch: int, num_timesteps: int, device: torch.device | str,
+                         generator: torch.Generator | None = None) -> Tensor:
+    """(B,) int64 timesteps, sample j uniform in the j-th of B equal slices of 0..T-1: still uniform over t for a
+    sample drawn at random, but a batch covers the whole range (a held-out loss per timestep bucket then has every
+    bucket filled as soon as B >= buckets, instead of whatever a few uniform draws happen to hit)."""
+    device = torch.device(device)
+    u = torch.rand(batch, generator=generator, device=_generator_device(generator, device), dtype=torch.float64)
+    slices = (torch.arange(batch, dtype=torch.float64, device=u.device) + u) / batch
+    return (slices * num_timesteps).long().clamp(max=num_timesteps - 1).to(device)
+
+
 def diffusion_loss(predict: Predict, x0: Tensor, schedule: NoiseSchedule, cfg: DiffusionConfig,
-                   generator: torch.Generator | None = None) -> LossOutput:
+                   generator: torch.Generator | None = None, t: Tensor | None = None) -> LossOutput:
     """Weighted MSE between predict(x_t, t) and the `cfg.target` of (x0, eps), t ~ U{0..T-1}, eps ~ N(0, I).
 
     predict(x_t (B, ...) in x0's dtype, t (B,) int64) -> (B, ...). The MSE is taken in float32 (or wider): a bf16
-    difference of two nearly equal predictions would be mostly rounding error.
+    difference of two nearly equal predictions would be mostly rounding error. `t` (B,) int64: use these timesteps
+    instead of drawing them (e.g. :func:`stratified_timesteps` for a held-out loss).
     """
     batch, device = x0.shape[0], x0.device
     draw_on = _generator_device(generator, device)
-    t = torch.randint(0, schedule.num_timesteps, (batch,), generator=generator, device=draw_on).to(device)
+    if t is None:
+        t = torch.randint(0, schedule.num_timesteps, (batch,), generator=generator, device=draw_on).to(device)
     eps_dtype = torch.promote_types(x0.dtype, torch.float32)
     eps = torch.randn(x0.shape, generator=generator, device=draw_on, dtype=eps_dtype).to(device)
     x_t = schedule.add_noise(x0, eps, t)

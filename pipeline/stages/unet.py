@@ -23,7 +23,7 @@ from pipeline.config import Config
 from pipeline.config_schema import to_dict
 from pipeline.data.spec import SampleSpec
 from pipeline.diffusion.cascade import SamplingConfig, StageSampler, low_res_input, sample_stage
-from pipeline.diffusion.objective import cfg_drop, diffusion_loss, random_levels
+from pipeline.diffusion.objective import cfg_drop, diffusion_loss, random_levels, stratified_timesteps
 from pipeline.diffusion.samplers import make_scheduler, scheduler_config
 from pipeline.diffusion.schedules import NoiseSchedule, build_schedule
 from pipeline.errors import ConfigError, PipelineError
@@ -171,7 +171,10 @@ class UNetStage(Stage):
         return F.interpolate(images.float(), size=(low, low), mode="bicubic", antialias=True,
                              align_corners=False).clamp(-1.0, 1.0)
 
-    def _inputs(self, frozen: Mapping[str, nn.Module], batch: dict, train: bool) -> dict[str, torch.Tensor]:
+    def _inputs(self, frozen: Mapping[str, nn.Module], batch: dict, train: bool,
+                generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+        """The U-Net's conditioning for a batch; a super-resolution stage's low-res image is noise-augmented with
+        noise from `generator` (None: the global RNG, which training checkpoints)."""
         inputs = self._text(frozen, batch)
         if self.mcfg.image_embed.dim:
             embed = batch["clip_image_emb"].to(self.ctx.device, non_blocking=True)
@@ -185,7 +188,8 @@ class UNetStage(Stage):
             batch_size = images.shape[0]
             level = (random_levels(batch_size, sr.max_train_noise_level, self.ctx.device) if train
                      else torch.full((batch_size,), sr.sample_noise_level, device=self.ctx.device))
-            inputs["low_res"] = low_res_input(self._low_res(images), self.sampler(None), level).to(images.dtype)
+            gens = None if generator is None else [generator] * batch_size  # drawn in turn, image by image
+            inputs["low_res"] = low_res_input(self._low_res(images), self.sampler(None), level, gens).to(images.dtype)
             inputs["level"] = level
         return inputs
 
@@ -258,13 +262,16 @@ class UNetStage(Stage):
 
     def _bucket_losses(self, unet: nn.Module, frozen: Mapping[str, nn.Module], batch: dict,
                        index: int) -> dict[str, tuple[float, float]]:
-        """Unweighted denoising MSE per timestep bucket, with noise and timesteps fixed by the batch index (so
-        successive evaluations compare like with like)."""
+        """Unweighted denoising MSE per timestep bucket, with every random draw (stratified timesteps, noise, and
+        the noise-augmentation noise of a super-resolution stage's low-res input) fixed by the batch index, so
+        successive evaluations compare like with like."""
         gen = torch.Generator(device=self.ctx.device).manual_seed(index)
-        inputs = self._inputs(frozen, batch, train=False)
+        inputs = self._inputs(frozen, batch, train=False, generator=gen)
         cond = self.conditioning(inputs["text"].shape[-1])
-        out = diffusion_loss(lambda x_t, t: unet_forward(unet, cond, x_t, t, inputs), self._x0(frozen, batch),
-                             self.schedule, self.mcfg.diffusion, generator=gen)
+        x0 = self._x0(frozen, batch)
+        t = stratified_timesteps(x0.shape[0], self.schedule.num_timesteps, x0.device, generator=gen)
+        out = diffusion_loss(lambda x_t, t: unet_forward(unet, cond, x_t, t, inputs), x0, self.schedule,
+                             self.mcfg.diffusion, generator=gen, t=t)
         width = self.schedule.num_timesteps / BUCKETS
         result = {"loss": (float(out.per_sample.sum()), float(out.per_sample.numel()))}
         bucket = (out.t.float() / width).long().clamp(max=BUCKETS - 1)
@@ -311,7 +318,9 @@ class UNetStage(Stage):
         unet = modules["unet"]
         unet.save_pretrained(str(out_dir), safe_serialization=True)
         mcfg = self.mcfg
-        scheduler = scheduler_config(self.schedule, mcfg.sampling.sampler, target=mcfg.diffusion.target)
+        threshold = mcfg.sampling.dynamic_threshold if mcfg.space == "pixel" else None  # as _threshold samples
+        scheduler = scheduler_config(self.schedule, mcfg.sampling.sampler, target=mcfg.diffusion.target,
+                                     threshold=threshold)
         (out_dir / "scheduler").mkdir(parents=True, exist_ok=True)
         (out_dir / "scheduler" / "scheduler_config.json").write_text(json.dumps(scheduler, indent=2) + "\n")
         stage = {"name": mcfg.name, "space": mcfg.space, "resolution": self.resolution, "grid": list(self.grid),

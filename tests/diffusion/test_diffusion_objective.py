@@ -132,3 +132,17 @@ def test_random_levels_and_level_embedding() -> None:
         level_embedding(torch.tensor([0.5]), 1)
     with pytest.raises(ValueError, match="maximum"):
         random_levels(3, 2.0, "cpu")
+
+
+def test_stratified_timesteps_cover_every_slice_and_are_uniform_overall() -> None:
+    from pipeline.diffusion.objective import stratified_timesteps
+
+    g = torch.Generator().manual_seed(0)
+    t = stratified_timesteps(4, 1000, "cpu", generator=g)
+    assert t.dtype == torch.int64 and [int(v) // 250 for v in t] == [0, 1, 2, 3]  # one per quarter
+    many = torch.cat([stratified_timesteps(5, 1000, "cpu", generator=g) for _ in range(4000)])
+    counts = torch.bincount(many // 100, minlength=10).double() / many.numel()
+    assert many.min() >= 0 and many.max() <= 999
+    torch.testing.assert_close(counts, torch.full((10,), 0.1, dtype=torch.float64), atol=0.01, rtol=0)
+    again = stratified_timesteps(4, 1000, "cpu", generator=torch.Generator().manual_seed(0))
+    assert torch.equal(again, t)

@@ -57,3 +57,27 @@ def test_missing_t5_path_is_one_clear_line(shards, tmp_path):
     with pytest.raises(PipelineError, match="model.text_encoder.path: .*no-t5 does not exist"):
         train_inprocess(raw, tmp_path / "run")
     assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_held_out_loss_of_a_super_resolution_stage_is_on_fixed_noise(shards):
+    """Every random draw of the held-out loss is fixed by the batch index, the low-res image's augmentation noise
+    included: two evaluations of the same weights give the same numbers whatever the global RNG did between."""
+    from pipeline.config import load_config
+    from pipeline.stages.base import StageContext
+    from pipeline.stages.unet import UNetStage
+    from pipeline.text.t5 import T5Tokenize
+
+    raw = unet_config(shards, super_res=True, model={"eval_prompts": 0})
+    cfg = load_config(None, base=raw)
+    stage = UNetStage(cfg, StageContext(rank=0, world_size=1, device=torch.device("cpu"),
+                                        compute_dtype=torch.float32))
+    models, frozen = stage.build_trainable(), stage.build_frozen()
+    captions = ["a large red circle on the left", "a small blue square at the top"] * 2
+    batch = {"image": torch.rand(4, 3, 16, 16, generator=torch.Generator().manual_seed(0)) * 2 - 1,
+             "caption": captions, **T5Tokenize("tiny", 16)(captions)}
+    results = []
+    for seed in (1, 2):
+        torch.manual_seed(seed)
+        with torch.no_grad():
+            results.append(stage.evaluate(models, frozen, [batch]))
+    assert results[0] == results[1] and results[0]["loss"][1] == 4
