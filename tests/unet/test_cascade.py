@@ -74,3 +74,15 @@ def test_broken_cascades_and_bad_settings_fail_with_one_line(cascade):
         with_overrides(cascade[0].defaults, guidance=0.5)
     with pytest.raises(ConfigError, match="steps"):
         with_overrides(cascade[0].defaults, steps=-3)
+
+
+def test_per_image_seeds_never_collide_across_stages_and_seeds():
+    """Image i of stage s of seed k gets a generator of its own: no two of these triples share a first draw (a
+    linear mix seed * 1_000_003 + stage * 10_007 + i gave stage 0 image 10007 the seed of stage 1 image 0)."""
+    from pipeline.diffusion.cascade import generators, image_seed
+
+    seeds = {image_seed(k, s, i) for k in range(3) for s in range(3) for i in range(12_000)}
+    assert len(seeds) == 3 * 3 * 12_000 and all(0 <= v < 2**63 for v in seeds)
+    first = generators(0, 0, 10_008, torch.device("cpu"))[10_007]
+    other = generators(0, 1, 1, torch.device("cpu"))[0]
+    assert not torch.equal(torch.randn(4, generator=first), torch.randn(4, generator=other))
