@@ -25,26 +25,36 @@ from pipeline.config_schema import check, doc
 
 Target = Literal["eps", "x0", "v"]
 TARGETS: tuple[str, ...] = ("eps", "x0", "v")
-SCHEDULES: tuple[str, ...] = ("linear", "cosine", "shifted_cosine")
+SCHEDULES: tuple[str, ...] = ("linear", "scaled_linear", "cosine", "shifted_cosine")
 WEIGHTINGS: tuple[str, ...] = ("uniform", "min_snr")
 
 COSINE_OFFSET = 0.008  # Nichol & Dhariwal's s: keeps beta_0 from being vanishingly small
 MAX_BETA = 0.999  # the cap of diffusers' "squaredcos_cap_v2"; without it the last beta is 1 and abar_{T-1} = 0
+# abar at t = T-1 of a zero-terminal-SNR schedule. Exactly 0 makes sigma_max infinite (sigma-space samplers, the
+# log-sigma table, eps -> x0); diffusers' samplers substitute 2^-24 for it (their rescale_betas_zero_snr), and so do
+# we, in training as in sampling: the signal left at t = T-1 is sqrt(2^-24) = 2.4e-4 of x0 (vs 4% for SD's schedule).
+TERMINAL_ABAR = 2.0**-24
 
 
 @dataclass(frozen=True)
 class DiffusionConfig:
     """The `model.diffusion` section: noise schedule, prediction target and loss weighting of a diffusion stage."""
 
-    schedule: Literal["linear", "cosine", "shifted_cosine"] = doc(
-        "cosine", "Noise schedule: 'linear' betas (DDPM), 'cosine' (Nichol & Dhariwal, diffusers' squaredcos_cap_v2) "
-                  "or 'shifted_cosine' (cosine with log-SNR shifted by 2*log(shift_base_resolution / resolution), "
-                  "'simple diffusion', for high resolutions).")
+    schedule: Literal["linear", "scaled_linear", "cosine", "shifted_cosine"] = doc(
+        "cosine", "Noise schedule: 'linear' betas (DDPM), 'scaled_linear' (betas linear in sqrt(beta): Stable "
+                  "Diffusion's), 'cosine' (Nichol & Dhariwal, diffusers' squaredcos_cap_v2) or 'shifted_cosine' "
+                  "(cosine with log-SNR shifted by 2*log(shift_base_resolution / resolution), 'simple diffusion', for "
+                  "high resolutions).")
     num_timesteps: int = doc(1000, "Training timesteps T; t runs over 0..T-1.")
-    beta_start: float = doc(1e-4, "First beta of the linear schedule (unitless variance per step).")
-    beta_end: float = doc(0.02, "Last beta of the linear schedule (unitless variance per step).")
-    shift_base_resolution: int = doc(64, "Pixels (or latent cells); the resolution at which the shifted cosine "
-                                         "schedule equals the plain cosine one.")
+    beta_start: float = doc(1e-4, "First beta of the linear / scaled_linear schedule (unitless variance per step).")
+    beta_end: float = doc(0.02, "Last beta of the linear / scaled_linear schedule (unitless variance per step).")
+    zero_terminal_snr: bool = doc(False, "Rescale the schedule so that t = T-1 holds no signal (Lin et al. 2023: "
+                                         "sqrt(abar) shifted to 0 at T-1 and scaled to keep t = 0; abar_{T-1} = 2^-24 "
+                                         "so sigma stays finite). Training then sees at t = T-1 the pure noise sampling "
+                                         "starts from. Needs target v or x0 (eps cannot give x0 without signal).")
+    shift_base_resolution: int = doc(64, "Pixels of the output image (for a latent stage too: the image side its "
+                                         "latents decode to, data.resolution, never the latent side); the resolution "
+                                         "at which the shifted cosine schedule equals the plain cosine one.")
     target: Literal["eps", "x0", "v"] = doc("v", "What the network predicts: noise 'eps', clean data 'x0', or "
                                                  "velocity 'v' = sqrt(abar)*eps - sqrt(1-abar)*x0.")
     loss_weighting: Literal["uniform", "min_snr"] = doc(
@@ -66,6 +76,8 @@ class DiffusionConfig:
         check(self.loss_weighting in WEIGHTINGS, "model.diffusion.loss_weighting",
               f"must be one of {', '.join(WEIGHTINGS)}, got {self.loss_weighting!r}")
         check(self.min_snr_gamma > 0, "model.diffusion.min_snr_gamma", f"must be > 0, got {self.min_snr_gamma}")
+        check(not (self.zero_terminal_snr and self.target == "eps"), "model.diffusion.zero_terminal_snr",
+              "needs model.diffusion.target v or x0: at zero terminal SNR an eps prediction says nothing about x0")
 
 
 def check_target(kind: str) -> None:
@@ -252,19 +264,38 @@ def _shift_log_snr(betas: Tensor, shift: float) -> Tensor:
     return -torch.expm1(step)  # beta_t = 1 - abar_t / abar_{t-1}
 
 
+def zero_terminal_snr(betas: Tensor, terminal_abar: float = TERMINAL_ABAR) -> Tensor:
+    """Betas (T,) float64 of Lin et al.'s rescale (2023, Algorithm 1): sqrt(abar) shifted so its last value is 0
+    and scaled so its first is kept, then abar_{T-1} set to `terminal_abar` (see TERMINAL_ABAR)."""
+    root = torch.exp(0.5 * torch.cumsum(torch.log1p(-betas), 0))
+    first, last = root[0].clone(), root[-1].clone()
+    abar = ((root - last) * first / (first - last)) ** 2
+    abar[-1] = terminal_abar
+    previous = torch.cat([torch.ones(1, dtype=torch.float64), abar[:-1]])
+    return 1 - abar / previous
+
+
 def build_schedule(cfg: DiffusionConfig, resolution: int) -> NoiseSchedule:
-    """The schedule `cfg` describes for images (or latents) of side `resolution`.
+    """The schedule `cfg` describes for a stage whose output images have side `resolution` in pixels (a latent
+    stage passes its image side, not its latent side, so shift_base_resolution means the same in both spaces).
 
     `resolution` only matters for 'shifted_cosine': log-SNR += 2*log(shift_base_resolution / resolution), so a
     larger image (more redundant pixels) gets proportionally more noise at every t ("simple diffusion").
+    The zero-terminal-SNR rescale comes last, so the shifted schedule's terminal SNR is zero too.
     """
     if resolution <= 0:
         raise ValueError(f"resolution must be a positive pixel count, got {resolution}")
+    T = cfg.num_timesteps
     if cfg.schedule == "linear":
-        return NoiseSchedule(torch.linspace(cfg.beta_start, cfg.beta_end, cfg.num_timesteps, dtype=torch.float64))
-    betas = cosine_betas(cfg.num_timesteps)
-    if cfg.schedule == "shifted_cosine":
-        betas = _shift_log_snr(betas, 2 * math.log(cfg.shift_base_resolution / resolution))
+        betas = torch.linspace(cfg.beta_start, cfg.beta_end, T, dtype=torch.float64)
+    elif cfg.schedule == "scaled_linear":
+        betas = torch.linspace(cfg.beta_start**0.5, cfg.beta_end**0.5, T, dtype=torch.float64) ** 2
+    else:
+        betas = cosine_betas(T)
+        if cfg.schedule == "shifted_cosine":
+            betas = _shift_log_snr(betas, 2 * math.log(cfg.shift_base_resolution / resolution))
+    if cfg.zero_terminal_snr:
+        betas = zero_terminal_snr(betas)
     return NoiseSchedule(betas)
 
 

@@ -37,6 +37,7 @@ def _logit(p: torch.Tensor) -> torch.Tensor:
     ({"target": "sample"}, "model.diffusion.target"),
     ({"schedule": "sigmoid"}, "model.diffusion.schedule"),
     ({"loss_weighting": "snr"}, "model.diffusion.loss_weighting"),
+    ({"zero_terminal_snr": True, "target": "eps"}, "model.diffusion.zero_terminal_snr"),
 ])
 def test_config_rejects_invalid_values_naming_the_key(kwargs: dict, key: str) -> None:
     with pytest.raises(ConfigError, match=key):
@@ -65,6 +66,46 @@ def test_linear_betas_and_cumulative_product() -> None:
     assert schedule.num_timesteps == 500
 
 
+def test_scaled_linear_is_stable_diffusions_schedule() -> None:
+    from diffusers import DDPMScheduler
+
+    cfg = DiffusionConfig(schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
+    schedule = build_schedule(cfg, resolution=256)
+    reference = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012).betas.double()
+    torch.testing.assert_close(schedule.betas, reference, rtol=1e-6, atol=0)  # diffusers stores float32
+    assert schedule.alphas_cumprod[-1].item() == pytest.approx(4.68e-3, rel=1e-2)  # SD's 7% signal at t = T-1
+
+
+@pytest.mark.parametrize("name", ["linear", "scaled_linear", "cosine", "shifted_cosine"])
+def test_zero_terminal_snr_matches_lin_et_al_and_keeps_t0(name: str) -> None:
+    """Against diffusers' own implementation of Lin et al.'s Algorithm 1 (their rescale_zero_terminal_snr),
+    except the last abar, which both we and diffusers' samplers set to 2^-24 instead of 0."""
+    from diffusers.schedulers.scheduling_ddim import rescale_zero_terminal_snr
+
+    plain_cfg = DiffusionConfig(schedule=name, beta_start=0.00085, beta_end=0.012, shift_base_resolution=64)
+    plain = build_schedule(plain_cfg, resolution=256)
+    rescaled = build_schedule(DiffusionConfig(**{**plain_cfg.__dict__, "zero_terminal_snr": True}), resolution=256)
+    reference = torch.cumprod(1 - rescale_zero_terminal_snr(plain.betas.clone()), 0)
+    torch.testing.assert_close(rescaled.alphas_cumprod[:-1], reference[:-1], rtol=1e-10, atol=1e-15)
+    assert rescaled.alphas_cumprod[-1].item() == pytest.approx(2.0**-24, rel=1e-9) and reference[-1].item() == pytest.approx(0, abs=1e-15)
+    assert rescaled.alphas_cumprod[0].item() == pytest.approx(plain.alphas_cumprod[0].item(), rel=1e-12)
+    assert bool((rescaled.alphas_cumprod[1:] < rescaled.alphas_cumprod[:-1]).all())
+    assert math.isfinite(rescaled.log_sigmas[-1].item())
+
+
+def test_shipped_latent_config_trains_at_zero_terminal_snr() -> None:
+    """configs/unet/latent256_sd2.yaml: SD's scaled_linear schedule rescaled to zero terminal SNR, so t = T-1 in
+    training is the pure noise sampling starts from (SD2's plain schedule keeps sqrt(4.7e-3) = 7% of x0 there)."""
+    from pathlib import Path
+
+    from pipeline.config import load_config
+
+    cfg = load_config(Path(__file__).parents[2] / "configs" / "unet" / "latent256_sd2.yaml")
+    schedule = build_schedule(cfg.model.diffusion, cfg.data.resolution)
+    assert cfg.model.diffusion.schedule == "scaled_linear" and cfg.model.diffusion.target == "v"
+    assert schedule.alphas_cumprod[-1].item() == pytest.approx(2.0**-24, rel=1e-9)
+
+
 @pytest.mark.parametrize("resolution", [16, 64, 256, 1024])
 def test_shifted_cosine_offsets_log_snr_by_two_log_ratio(resolution: int) -> None:
     base = 64
@@ -77,7 +118,7 @@ def test_shifted_cosine_offsets_log_snr_by_two_log_ratio(resolution: int) -> Non
     np.testing.assert_allclose((shifted.snr(t) / cosine.snr(t)).numpy(), math.exp(expected), rtol=1e-8)
 
 
-@pytest.mark.parametrize("name", ["linear", "cosine", "shifted_cosine"])
+@pytest.mark.parametrize("name", ["linear", "scaled_linear", "cosine", "shifted_cosine"])
 def test_snr_definition_and_monotonic_alpha_bar(name: str) -> None:
     schedule = build_schedule(DiffusionConfig(schedule=name), resolution=256)
     abar = schedule.alphas_cumprod

@@ -5,12 +5,14 @@ the bundle's autoencoder, which must be the one the stage was trained on."""
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
 
 from ae_helpers import ae_config
 from pipeline.cli.main import main
+from pipeline.diffusion.schedules import DiffusionConfig, build_schedule
 from pipeline.errors import CheckpointError
 from pipeline.export import export_run
 from pipeline.sample import Text2Image
@@ -35,16 +37,23 @@ def latent_config(shards, autoencoder, **sections):
 
 
 def test_latent_base_trains_and_its_samples_decode(shards, autoencoder, tmp_path):
+    """...with a shifted schedule, whose resolution is the output image's in pixels for a latent stage too (16 px
+    images, 4 x 4 latents, base 8 px: log-SNR shifted by 2 log(8/16) at every t, in training and in the bundle)."""
     run = tmp_path / "run"
-    assert train_inprocess(latent_config(shards, autoencoder), run) == 0
+    shifted = {"schedule": "shifted_cosine", "shift_base_resolution": 8}
+    assert train_inprocess(latent_config(shards, autoencoder, model={"diffusion": shifted}), run) == 0
     last = read_metrics(run)[-1]
     assert "eval/loss" in last and "eval/fidelity_colour" in last
     component = export_run(run, autoencoder.parent)
     stage = json.loads((component / "t2i_stage.json").read_text())
     assert stage["space"] == "latent" and stage["grid"] == [4, 4, 4] and stage["autoencoder_sha256"]
-    images = Text2Image.from_bundle(autoencoder.parent).generate("a large red circle on the left", num_images=2,
-                                                                 steps=4)
+    t2i = Text2Image.from_bundle(autoencoder.parent)
+    images = t2i.generate("a large red circle on the left", num_images=2, steps=4)
     assert images.shape == (2, 3, 16, 16) and torch.isfinite(images).all()
+    t = torch.arange(1000, dtype=torch.float64)
+    plain = build_schedule(DiffusionConfig(schedule="cosine"), 16)
+    shift = t2i.stages[0].schedule.log_sigma(t) - plain.log_sigma(t)  # log sigma = -log-SNR / 2
+    torch.testing.assert_close(shift, torch.full_like(t, -math.log(8 / 16)), rtol=0, atol=1e-9)
 
 
 def test_precomputed_latents_train_the_same_stage(shards, autoencoder, tmp_path):
