@@ -56,8 +56,11 @@ def test_encodings_equal_open_clip(folders, variant):
     images = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))
     enc = ours.encode_text(ids)
     with torch.no_grad():
-        assert torch.equal(enc.pooled, theirs.encode_text(ids, normalize=True))
-        assert torch.equal(ours.encode_image(images), theirs.encode_image(images, normalize=True))
+        # Two code paths (ours runs the text tower token by token for the prior): equal to fp32 rounding, not bit
+        # for bit (they are on a Xeon, 2e-7 apart on an AMD EPYC, whose kernels split reductions differently)
+        torch.testing.assert_close(enc.pooled, theirs.encode_text(ids, normalize=True), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(ours.encode_image(images), theirs.encode_image(images, normalize=True),
+                                   atol=1e-5, rtol=1e-5)
         unnormalised = theirs.encode_text(ids)
     assert enc.tokens.shape == (2, 16, TINY_CLIP["text"]["width"])  # (B, L, W), W != E
     eot = ids.argmax(dim=-1)
@@ -66,7 +69,7 @@ def test_encodings_equal_open_clip(folders, variant):
     # the EOT token's projected encoding is open_clip's (unnormalised) text embedding
     projected = ours.project_tokens(enc.tokens)
     assert projected.shape == (2, 16, TINY_CLIP["embed_dim"])
-    torch.testing.assert_close(projected[torch.arange(2), eot], unnormalised, atol=1e-6, rtol=0)
+    torch.testing.assert_close(projected[torch.arange(2), eot], unnormalised, atol=1e-5, rtol=1e-5)
 
 
 def test_padding_positions_do_not_change_real_tokens(folders):
