@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from pipeline.demo import heldout_prompts  # noqa: E402
 from pipeline.diffusion.samplers import SAMPLER_KINDS  # noqa: E402
 from pipeline.machine import describe  # noqa: E402
-from pipeline.sample import Text2Image, to_pil  # noqa: E402
+from pipeline.sampling.text2image import Text2Image, to_pil  # noqa: E402
 
 
 def drift(t2i: Text2Image, scenes: list, sampler: str, strength: float, steps: int) -> float:

@@ -7,7 +7,7 @@
 
 What runs is what `python -m pipeline train` runs per optimizer step: the stage built from the config
 (``build_stage``), its frozen helpers and one DeepSpeed engine per trainable part with the client AdamW
-(``build_all``), and ``pipeline.train.step.StepRunner.run`` (micro-batches, ``stage.training_step``,
+(``build_training``, as the Trainer builds them), and ``StepRunner.run`` (micro-batches, ``stage.training_step``,
 ``engine.backward``, the collective skip decision, ``engine.step``), plus the EMA update the Trainer makes after
 an applied step. Checkpoints, evaluation and logging are not part of it.
 
@@ -352,7 +352,7 @@ def spec_peak(device: torch.device) -> tuple[float | None, str]:
 # --------------------------------------------------------------------------------------------- measuring
 @dataclasses.dataclass
 class Bench:
-    """Everything the timed passes need (built like Trainer.__init__ builds it)."""
+    """Everything the timed passes need (built by the Trainer's own pipeline.train.setup.build_training)."""
 
     cfg: Any
     dist: Any
@@ -368,9 +368,8 @@ class Bench:
 
 def build(cfg: Any, dist: Any, data: str) -> Bench:
     from pipeline.train import rng
-    from pipeline.train.ds_config import resolve_precision, trainer_clips_gradients
-    from pipeline.train.setup import build_all, build_stage, default_data_sources, open_inputs
-    from pipeline.train.step import StepRunner
+    from pipeline.train.ds_config import resolve_precision
+    from pipeline.train.setup import build_stage, build_training, default_data_sources, open_inputs
 
     precision = resolve_precision(cfg.train, dist.device)
     stage = build_stage(cfg, dist, precision, None)
@@ -383,13 +382,9 @@ def build(cfg: Any, dist: Any, data: str) -> Bench:
     else:
         first = synthetic_batch(stage, spec, cfg.train.micro_batch_size, seed=dist.rank)
         batches = itertools.repeat(first)
-    rng.seed_all(cfg.train.seed)
-    built = build_all(cfg, dist, precision, stage)
-    rng.seed_all(rng.rank_seed(cfg.train.seed, dist.rank))
-    clip = cfg.optim.grad_clip if trainer_clips_gradients(cfg, precision) else 0.0
-    runner = StepRunner(stage, spec, built.parts, built.frozen, dist, precision.dtype, cfg.train.grad_accum_steps,
-                        fp16=precision.name == "fp16", clip=clip)
-    return Bench(cfg, dist, precision, stage, runner, built.parts, built.frozen, built.emas, batches, first)
+    training = build_training(cfg, dist, precision, stage, spec)
+    built = training.built
+    return Bench(cfg, dist, precision, stage, training.runner, built.parts, built.frozen, built.emas, batches, first)
 
 
 def train_step(bench: Bench, step: int) -> Any:

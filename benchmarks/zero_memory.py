@@ -7,7 +7,7 @@ the ZeRO paper's formulas.
 
 The script launches one ``torchrun --standalone`` job per world size (``OMP_NUM_THREADS=1``; CUDA hidden unless
 ``--device cuda``, so the ranks use gloo on CPU even on a GPU machine); each rank builds the engines exactly as the
-Trainer does (``build_stage`` -> ``build_all``: the stage's trainable parts, the client AdamW,
+Trainer does (``build_stage`` -> ``build_training``: the stage's trainable parts, the client AdamW,
 ``deepspeed.initialize`` with the DeepSpeed JSON generated from the run config) for ZeRO 0, 1, 2, 3 in turn, runs
 one optimizer step through ``StepRunner`` (so Adam's moments exist), then one more forward + backward (so the
 gradients exist, as at the peak of a step) and measures before that step's ``engine.step``.
@@ -169,23 +169,20 @@ def _one_stage(base_cfg: Any, dist: Any, zero: int, ds_json: str) -> dict[str, A
     import time
 
     from pipeline.data.spec import normalize_batch
-    from pipeline.train import rng
     from pipeline.train.ds_config import resolve_precision
-    from pipeline.train.setup import build_all, build_stage
-    from pipeline.train.step import StepRunner
+    from pipeline.train.setup import build_stage, build_training
     from train_throughput import synthetic_batch
 
     cfg = dataclasses.replace(base_cfg, dist=dataclasses.replace(base_cfg.dist, zero_stage=zero,
-                                                                 deepspeed_config=ds_json))
+                                                                 deepspeed_config=ds_json),
+                              train=dataclasses.replace(base_cfg.train, grad_accum_steps=1))
     start = time.perf_counter()
     precision = resolve_precision(cfg.train, dist.device)
     stage = build_stage(cfg, dist, precision, None)
     spec = stage.sample_spec()
     batch = synthetic_batch(stage, spec, cfg.train.micro_batch_size, seed=dist.rank)
-    rng.seed_all(cfg.train.seed)
-    built = build_all(cfg, dist, precision, stage)
-    runner = StepRunner(stage, spec, built.parts, built.frozen, dist, precision.dtype, 1,
-                        fp16=precision.name == "fp16", clip=0.0)
+    training = build_training(cfg, dist, precision, stage, spec)
+    built, runner = training.built, training.runner
     runner.run(itertools.repeat(batch), cfg.optim.lr, False)  # creates the optimizer state
     normalised = normalize_batch(batch, spec, dist.device, precision.dtype)
     result: dict[str, Any] = {"zero": zero, "precision": precision.name, "parts": {}}

@@ -4,9 +4,9 @@ Layout (each component is what its users' library loads directly)::
 
     clip/          open_clip ``local-dir:`` folder
     t5/            transformers ``save_pretrained`` folder + tokenizer (or a reference to the original path)
-    prior/         diffusers PriorTransformer folder + scheduler config
+    prior/         diffusers PriorTransformer folder + scheduler config + t2i_prior.json (PRIOR_META)
     autoencoder/   diffusers AutoencoderKL / VQModel folder (scaling_factor, shift_factor in its config)
-    unet_<name>/   diffusers UNet2DConditionModel folder + scheduler config + t2i_stage.json
+    unet_<name>/   diffusers UNet2DConditionModel folder + scheduler config + t2i_stage.json (STAGE_META)
     bundle.json    format version, every component (its stage, checkpoint, step, EMA, dtype, the size and
                    sha256 of every file) and the cascade: the unet components in order of resolution with each
                    stage's resolution, space and default sampling settings
@@ -27,10 +27,14 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.errors import CheckpointError, PipelineError
-from pipeline.train import manifest
+from pipeline import manifest
 
 BUNDLE_JSON = "bundle.json"
 BUNDLE_FORMAT = 2
+# Our facts about a component, next to the library's own files: what a sampler needs beyond the library's config
+# (a U-Net stage's resolution, space and conditioning; an autoencoder's latent geometry; the prior's CLIP).
+STAGE_META = "t2i_stage.json"
+PRIOR_META = "t2i_prior.json"
 
 
 def describe_files(folder: Path) -> dict[str, dict[str, int | str]]:

@@ -2,7 +2,7 @@
 
 A run config is one YAML file::
 
-    stage: clip            # which Stage class trains (see pipeline.stages.registry)
+    stage: clip            # which Stage class trains (see pipeline.registry)
     model: {...}           # parsed by that stage's own model-config dataclass
     data:  {...}           # DataConfig
     optim: {...}           # OptimConfig
@@ -27,6 +27,7 @@ import yaml
 
 from pipeline.config_schema import check, doc, from_dict, parse_override_value, resolve_field_type, to_dict
 from pipeline.errors import ConfigError
+from pipeline.registry import STAGES, model_config_class
 
 ShardSpec = str | tuple[str, ...]
 
@@ -197,7 +198,7 @@ class LogConfig:
 class Config:
     """A whole run. `model` is the stage's own model-config dataclass (see the stage registry)."""
 
-    stage: str = doc("", "Stage kind to train: one of pipeline.stages.registry.STAGES.")
+    stage: str = doc("", "Stage kind to train: one of pipeline.registry.STAGES.")
     model: Any = doc(None, "Stage-specific model configuration.")
     data: DataConfig = field(default_factory=DataConfig, metadata={"doc": "Data source and transforms."})
     optim: OptimConfig = field(default_factory=OptimConfig, metadata={"doc": "Optimizer and LR schedule."})
@@ -212,8 +213,6 @@ SECTIONS = {f.name: f for f in dataclasses.fields(Config)}
 
 
 def _model_config_class(stage: Any, source: str) -> type:
-    from pipeline.stages.registry import STAGES, model_config_class
-
     if not isinstance(stage, str) or not stage:
         raise ConfigError(f"{source}: top-level key 'stage' is required; valid stages: {', '.join(sorted(STAGES))}")
     return model_config_class(stage, source)

@@ -12,7 +12,10 @@ from __future__ import annotations
 
 import io
 import json
+import multiprocessing
 import os
+import queue
+import shutil
 import sys
 import time
 from dataclasses import dataclass, field
@@ -23,7 +26,13 @@ from PIL import Image
 
 from pipeline.config import Config, load_config
 from pipeline.data.synthetic import HELDOUT_TUPLES, TRAIN_TUPLES, SceneObject, write_synthetic_shards
+from pipeline.data.tar_reader import iter_shard
 from pipeline.errors import PipelineError
+from pipeline.eval.fidelity import fidelity_sums, validate_on_real
+from pipeline.export import export_run
+from pipeline.precompute.run import PrecomputeJob, run_precompute
+from pipeline.sampling.text2image import Text2Image, save_grid, to_pil
+from pipeline.train.entry import local_process_group, run_training
 
 RESOLUTION = 64
 SHARD_SIZE = 1024
@@ -113,9 +122,6 @@ class Demo:
 
     def train(self, name: str) -> None:
         """Train stage `name` (resuming) and export it into the bundle."""
-        from pipeline.export import export_run
-        from pipeline.train.entry import run_training
-
         run_dir = self.out / "runs" / name
         code = run_training(self.stage_config(name), run_dir)
         if code != 0:
@@ -136,10 +142,6 @@ class Demo:
     def precompute_clip_images(self) -> None:
         """CLIP image embeddings of every train and held-out image (what the prior and the unCLIP stage train
         on), in out/precomputed/{train,heldout}; recomputed when the exported CLIP changed."""
-        import shutil
-
-        from pipeline.data.precompute import PrecomputeJob, run_precompute
-
         root = self.precomputed
         digest = json.loads((self.bundle / "bundle.json").read_text())["components"]["clip"]["files"][
             "open_clip_model.safetensors"]["sha256"]
@@ -168,8 +170,6 @@ def _log_to(path: Path) -> None:
 def _train_chain(out: Path, size: DemoSize, chain: tuple[str, ...], threads: int, messages) -> None:
     """One chain of CHAINS, in the process :func:`train_chains` spawned for it: each step in order, its output in
     out/logs/<step>.log; ("done", step, seconds) or ("error", step, message) to `messages`."""
-    from pipeline.train.entry import local_process_group
-
     torch.set_num_threads(threads)
     demo = Demo(out, size)
     with local_process_group():  # the chain's training runs share this process's group
@@ -187,8 +187,6 @@ def train_chains(demo: Demo, chains: tuple[tuple[str, ...], ...] = CHAINS) -> No
     """Train `chains` side by side, each in a spawned process with its share of the cores (CPU) or on the one GPU;
     progress and each finished step's held-out figure are printed here. A failing step stops the other chains (a
     training stage checkpoints first) and raises PipelineError naming the step and its output."""
-    import multiprocessing
-
     # spawn, not fork: this process may hold torch threads, and a forked child would inherit their locks
     context = multiprocessing.get_context("spawn")
     messages = context.Queue()
@@ -235,8 +233,6 @@ def train_chains(demo: Demo, chains: tuple[tuple[str, ...], ...] = CHAINS) -> No
 def _next_message(messages, workers: list, pending: list[list[str]], logs: Path) -> tuple | None:
     """The next ("done" | "error", step, value) from the chains, or None after 2 s of silence; a chain process that
     exited with steps left and said nothing raises PipelineError naming its step and log."""
-    import queue
-
     try:
         return messages.get(timeout=2.0)
     except queue.Empty:
@@ -282,8 +278,6 @@ def _last_eval(records: list[dict], key: str) -> dict:
 
 def heldout_prompts(heldout_dir: Path, limit: int) -> list[tuple[str, Image.Image, list[SceneObject]]]:
     """The first `limit` held-out samples as (caption, image, objects), read straight from the tar shards."""
-    from pipeline.data.tar_reader import iter_shard
-
     def unreadable(reason: str, detail: str) -> None:
         raise PipelineError(f"demo held-out shards: {reason}: {detail}")
 
@@ -300,9 +294,6 @@ def heldout_prompts(heldout_dir: Path, limit: int) -> list[tuple[str, Image.Imag
 
 def sample_heldout(demo: Demo) -> dict:
     """Sample held-out prompts through the exported bundle with guidance on and off; fidelity of both."""
-    from pipeline.eval.fidelity import fidelity_sums, validate_on_real
-    from pipeline.sample import Text2Image, save_grid, to_pil
-
     scenes = heldout_prompts(demo.heldout_dir, demo.size.prompts)
     prompts = [caption for caption, _, _ in scenes]
     device = "cuda" if torch.cuda.is_available() else "cpu"

@@ -30,3 +30,11 @@ def shards(tmp_path_factory) -> Path:
     write_synthetic_shards(root / "train", 192, 24, 16, 0, "train", "png")
     write_synthetic_shards(root / "heldout", 32, 16, 16, 1, "heldout", "png")
     return root
+
+
+@pytest.fixture(scope="session")
+def precomputed(tmp_path_factory):
+    """precompute_helpers.Setup: source shards with two bad samples, tiny T5 + CLIP, and their precompute."""
+    from precompute_helpers import build_setup  # imports transformers/open_clip: only when a test needs it
+
+    return build_setup(tmp_path_factory.mktemp("precomputed"))

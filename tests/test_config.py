@@ -9,7 +9,7 @@ import pytest
 from pipeline.config import Config, DataConfig, dump_config, load_config
 from pipeline.config_schema import check, doc, field_types
 from pipeline.errors import ConfigError
-from pipeline.stages import registry
+from pipeline import registry
 
 REPO = Path(__file__).resolve().parents[1]
 

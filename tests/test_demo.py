@@ -40,7 +40,7 @@ REPO = Path(__file__).resolve().parents[1]
 RESAMPLE = """
 import json, sys
 from pathlib import Path
-from pipeline.sample import Text2Image, to_pil
+from pipeline.sampling.text2image import Text2Image, to_pil
 out = Path(sys.argv[1]); meta = json.loads((out / "samples" / "prompts.json").read_text())
 images = Text2Image.from_bundle(out / "bundle").generate(meta["prompts"], seed=meta["seed"], steps=meta["steps"])
 for i, image in enumerate(to_pil(images)):

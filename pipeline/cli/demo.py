@@ -15,6 +15,6 @@ def add_parser(sub: argparse._SubParsersAction, common: argparse.ArgumentParser)
 
 
 def _run(args: argparse.Namespace) -> int:
-    from pipeline.demo import run_demo
+    from pipeline.demo import run_demo  # start-up time: imported when the subcommand runs (cli/main.py)
 
     return run_demo(args.out)

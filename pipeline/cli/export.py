@@ -23,7 +23,7 @@ def add_parser(sub: argparse._SubParsersAction, common: argparse.ArgumentParser)
 
 
 def _run(args: argparse.Namespace) -> int:
-    from pipeline.export import export_run
+    from pipeline.export import export_run  # start-up time: imported when the subcommand runs (cli/main.py)
 
     folder = export_run(args.run_dir, args.out, checkpoint=args.checkpoint, use_ema=not args.no_ema,
                         dtype=args.dtype, t5_reference=args.t5_reference)

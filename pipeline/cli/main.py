@@ -2,6 +2,10 @@
 
 Exit codes: 0 success, 2 usage or configuration errors, 1 any other failure. Errors print as one line
 (``error: ...``) unless ``--debug`` is given, which re-raises with the full traceback.
+
+Building the parser imports every subcommand module; the heavy ones (train, export, sample, demo) import what they
+run only inside their handler, so ``--help`` and a mistyped command answer at once instead of after importing
+DeepSpeed, diffusers and every stage.
 """
 from __future__ import annotations
 

@@ -21,8 +21,9 @@ def add_parser(sub: argparse._SubParsersAction, common: argparse.ArgumentParser)
     parser.add_argument("--guidance", type=float, default=None,
                         help="classifier-free guidance scale >= 1 for every stage (default: each stage's own)")
     parser.add_argument("--steps", type=int, default=None, help="sampler steps per stage (default: each stage's)")
-    parser.add_argument("--sampler", choices=("ddpm", "ddim", "dpmpp_2m", "euler", "heun"), default=None,
-                        help="sampler for every stage (default: each stage's)")
+    parser.add_argument("--sampler", default=None,
+                        help="sampler for every stage: ddpm, ddim, dpmpp_2m, euler, heun, ... (the names of "
+                             "pipeline.diffusion.samplers.SAMPLER_KINDS; default: each stage's)")
     parser.add_argument("--seed", type=int, default=0, help="random seed; image i of a seed is the same whatever "
                                                             "--num-images is (default 0)")
     parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
@@ -49,7 +50,7 @@ def _progress():
 
 
 def _run(args: argparse.Namespace) -> int:
-    from pipeline.sample import sample_to_file
+    from pipeline.sampling.text2image import sample_to_file  # start-up time: imported when it runs (cli/main.py)
 
     written = sample_to_file(args.bundle, args.prompt, args.out, num_images=args.num_images, guidance=args.guidance,
                              steps=args.steps, sampler=args.sampler, seed=args.seed, device=args.device,

@@ -1,10 +1,15 @@
 """``python -m pipeline shards ...``: build WebDataset tar shards, and precompute frozen-encoder arrays aligned
-with them (``shards precompute``, see pipeline/data/precompute.py)."""
+with them (``shards precompute``, see pipeline/precompute/run.py)."""
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
+from pipeline.data.from_folder import pack_folder
+from pipeline.data.synthetic import write_synthetic_shards
 from pipeline.errors import UsageError
+from pipeline.precompute.encoders import ENCODERS
+from pipeline.precompute.run import PrecomputeJob, finalize, run_precompute
 
 
 def add_parser(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
@@ -49,8 +54,6 @@ def _add_precompute(kinds: argparse._SubParsersAction, common: argparse.Argument
                      help="source shards, local: directories, brace patterns or files (as data.urls; several "
                           "make a list); not needed with --finalize")
     pre.add_argument("--out", required=True, help="output directory (shared by all parts)")
-    from pipeline.data.encoders import ENCODERS
-
     pre.add_argument("--encoder", action="append", default=[], metavar="SPEC",
                      help=f"NAME:ARG, repeatable; NAME one of {', '.join(sorted(ENCODERS))}. E.g. t5:PATH[:MAXLEN] "
                           "-> t5_emb float16 (L, D) + t5_mask bool (L,); clip-text:CLIP_DIR -> clip_text_emb float32 "
@@ -67,8 +70,6 @@ def _add_precompute(kinds: argparse._SubParsersAction, common: argparse.Argument
 
 
 def _run_synthetic(args: argparse.Namespace) -> int:
-    from pipeline.data.synthetic import write_synthetic_shards
-
     if args.num_samples <= 0 or args.shard_size <= 0:
         raise UsageError("--num-samples and --shard-size must be positive")
     if args.resolution < 8:
@@ -80,10 +81,6 @@ def _run_synthetic(args: argparse.Namespace) -> int:
 
 
 def _run_precompute(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
-    from pipeline.data.precompute import PrecomputeJob, finalize, run_precompute
-
     if args.finalize:
         index = finalize(Path(args.out))
         print(f"wrote {args.out}/shards.json: {index['num_samples']} samples in {index['num_shards']} shards "
@@ -111,8 +108,6 @@ def _run_precompute(args: argparse.Namespace) -> int:
 
 
 def _run_from_folder(args: argparse.Namespace) -> int:
-    from pipeline.data.from_folder import pack_folder
-
     index = pack_folder(args.src, args.out, args.shard_size, args.max_shard_bytes)
     print(f"wrote {index['num_samples']} samples in {index['num_shards']} shards to {args.out}")
     skipped = index.get("skipped", {})

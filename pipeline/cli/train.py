@@ -4,6 +4,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from pipeline.config import load_config
+
 
 def add_parser(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
     parser = sub.add_parser(
@@ -21,8 +23,7 @@ def add_parser(sub: argparse._SubParsersAction, common: argparse.ArgumentParser)
 
 
 def _run(args: argparse.Namespace) -> int:
-    from pipeline.config import load_config
-    from pipeline.train.entry import run_training
+    from pipeline.train.entry import run_training  # start-up time: imported when the subcommand runs (cli/main.py)
 
     cfg = load_config(args.config, args.overrides)
     return run_training(cfg, args.run_dir)

@@ -88,6 +88,19 @@ def parse_caption(caption: str) -> list[SceneObject] | None:
     return objects if 1 <= len(objects) <= 2 else None
 
 
+# Common English words the tiny T5's vocabulary holds beside the captions' own (prompts a user types at the demo).
+_ENGLISH = ("a an the and or of on in at to with without near next beside above below under over left right top "
+            "bottom center middle corner small large big tiny huge little one two three some many is are this that "
+            "photo picture image drawing painting of dark light bright background shape object").split()
+
+
+def caption_words() -> list[str]:
+    """Every word of the synthetic captions plus common English words, sorted: the whole-word vocabulary of the
+    tiny in-memory T5 (pipeline/text/t5.py, ``path: tiny``) the demo and the tests condition on."""
+    phrases = " ".join(POSITION_PHRASES.values()).split()
+    return sorted({*COLOURS, *SHAPES, *SIZES, *phrases, *_ENGLISH})
+
+
 def _pick(rng: np.random.Generator, pool: list[tuple[str, str, str, str]], taken: set[str]):
     options = [t for t in pool if t[3] not in taken]
     return options[int(rng.integers(len(options)))]

@@ -2,8 +2,9 @@
 
 - :func:`diffusion_loss`: draw t and eps, noise x0, ask the network for its target, weighted MSE.
 - :func:`cfg_drop`: which samples lose their condition (classifier-free guidance training).
-- :func:`noise_augment`, :func:`random_levels`, :func:`level_embedding`: Imagen's noise-conditioning augmentation of
-  the low-resolution input of a super-resolution stage, and the features that tell the U-Net its level.
+- :func:`noise_augment`, :func:`random_levels`: Imagen's noise-conditioning augmentation of the low-resolution
+  input of a super-resolution stage (the features that tell the network its level belong to the network's
+  conditioning: pipeline.models.unet.level_embedding).
 
 Randomness comes from `generator` when given, else from torch's global RNG: the Trainer checkpoints the global RNG
 state of every rank, so drawing from it by default keeps resumed training bit-identical.
@@ -12,7 +13,6 @@ Shapes: x0 / low_res (B, C, H, W) (any trailing dims); t, level, weights (B,).
 """
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from typing import NamedTuple
 
@@ -23,10 +23,6 @@ from pipeline.diffusion.schedules import DiffusionConfig, NoiseSchedule, check_r
 
 Predict = Callable[[Tensor, Tensor], Tensor]
 
-# Sinusoidal embeddings are built for positions ~0..1000 (diffusers' timestep embedding, max period 10000); a
-# level in [0, 1] is spread over that range so its features vary as much as a timestep's do.
-LEVEL_EMBEDDING_SCALE = 1000.0
-MAX_PERIOD = 10000.0
 
 
 class LossOutput(NamedTuple):
@@ -115,25 +111,3 @@ def random_levels(batch: int, max_level: float, device: torch.device | str,
     device = torch.device(device)
     u = torch.rand(batch, generator=generator, device=_generator_device(generator, device))
     return (u * max_level).to(device)
-
-
-def level_embedding(level: Tensor, dim: int) -> Tensor:
-    """Sinusoidal features (B, dim) float32 of augmentation levels (B,) in [0, 1].
-
-    [sin(p * f_k), cos(p * f_k)] with p = 1000 * level and f_k = 10000^(-k / (dim/2)), the timestep embedding of
-    diffusion U-Nets applied to the level; an odd `dim` gets one zero feature at the end. The U-Net's
-    class-embedding projection maps these features to its own width.
-    """
-    if dim < 2:
-        raise ValueError(f"level embedding needs dim >= 2, got {dim}")
-    level = torch.as_tensor(level)
-    if level.dim() != 1:
-        raise ValueError(f"levels must have shape (B,), got {tuple(level.shape)}")
-    check_range(level, 0.0, 1.0, "noise-augmentation levels")
-    half = dim // 2
-    freqs = torch.exp(-math.log(MAX_PERIOD) * torch.arange(half, dtype=torch.float32, device=level.device) / half)
-    args = (level.to(torch.float32) * LEVEL_EMBEDDING_SCALE)[:, None] * freqs[None, :]
-    features = torch.cat([torch.sin(args), torch.cos(args)], dim=1)
-    if dim % 2:
-        features = torch.nn.functional.pad(features, (0, 1))
-    return features

@@ -426,19 +426,6 @@ def fidelity_sums(images: torch.Tensor | Sequence[torch.Tensor],
     return result_sums([check_image(image, objects) for image, objects in zip(images, objects_per_image)])
 
 
-def prompt_fidelity_sums(images: torch.Tensor, captions: Sequence[str]) -> dict[str, tuple[float, float]]:
-    """`fidelity_sums` of generated images (N, 3, H, W) in [-1, 1] for their captions; captions that are not
-    synthetic-style (see synthetic.parse_caption) are left out, so other data simply gives counts of 0."""
-    from pipeline.data.synthetic import parse_caption
-
-    chosen = [(i, parse_caption(c)) for i, c in enumerate(captions)]
-    chosen = [(i, objects) for i, objects in chosen if objects is not None]
-    if not chosen:
-        return {a: (0.0, 0.0) for a in ATTRIBUTES}
-    pixels = ((images[[i for i, _ in chosen]].detach().float().cpu() + 1.0) / 2.0).clamp(0.0, 1.0)
-    return fidelity_sums(pixels, [objects for _, objects in chosen])
-
-
 def real_sample(index: int, seed: int, split: Split, resolution: int,
                 image_format: Literal["jpg", "png"] = "jpg") -> tuple[torch.Tensor, list[SceneObject]]:
     """A rendered dataset scene, decoded like training data: ((3, R, R) in [0, 1], its objects)."""

@@ -38,6 +38,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from pipeline.config_schema import check, doc
+from pipeline.errors import ConfigError
+from pipeline.models.loading import load_diffusers_strict
 
 FACTORS = (4, 8, 16)
 LAPLACE_EPS = 1e-5
@@ -311,6 +313,17 @@ class LatentCodec(nn.Module):
         name = config.get("_class_name")
         if name not in classes:
             raise ValueError(f"{folder}/config.json: _class_name {name!r} is not AutoencoderKL or VQModel")
-        from pipeline.train.weights import load_diffusers_strict  # a config/weights mismatch fails here
+        return cls(load_diffusers_strict(classes[name], Path(folder))).eval()  # a config/weights mismatch fails
 
-        return cls(load_diffusers_strict(classes[name], Path(folder))).eval()
+
+def load_autoencoder(folder: str | Path) -> LatentCodec:
+    """A frozen :class:`LatentCodec` (eval mode, no gradients, CPU, fp32) from an exported autoencoder component
+    folder (diffusers config.json + safetensors). Building it draws initial weights from torch's RNG: the caller's
+    stream is left untouched. (A run dir or a bundle root: pipeline.stages.autoencoder.load_codec.)"""
+    folder = Path(folder)
+    if not (folder / "config.json").is_file():
+        raise ConfigError(f"{folder}: no autoencoder here (expected an exported folder with config.json)")
+    with torch.random.fork_rng(devices=[]):
+        codec = LatentCodec.from_pretrained(folder)
+    codec.requires_grad_(False)
+    return codec.eval()

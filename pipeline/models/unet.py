@@ -20,6 +20,7 @@ that needs no extra parameter outside the diffusers class - and a zero image emb
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Literal
 
@@ -27,6 +28,7 @@ import torch
 from torch import nn
 
 from pipeline.config_schema import check, doc
+from pipeline.diffusion.schedules import check_range
 
 
 @dataclass(frozen=True)
@@ -134,10 +136,36 @@ def masked_mean(tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return (tokens * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1.0)
 
 
+# Sinusoidal embeddings are built for positions ~0..1000 (diffusers' timestep embedding, max period 10000); a
+# level in [0, 1] is spread over that range so its features vary as much as a timestep's do.
+LEVEL_EMBEDDING_SCALE = 1000.0
+MAX_PERIOD = 10000.0
+
+
+def level_embedding(level: torch.Tensor, dim: int) -> torch.Tensor:
+    """Sinusoidal features (B, dim) float32 of augmentation levels (B,) in [0, 1].
+
+    [sin(p * f_k), cos(p * f_k)] with p = 1000 * level and f_k = 10000^(-k / (dim/2)), the timestep embedding of
+    diffusion U-Nets applied to the level; an odd `dim` gets one zero feature at the end. The U-Net's
+    class-embedding projection maps these features to its own width.
+    """
+    if dim < 2:
+        raise ValueError(f"level embedding needs dim >= 2, got {dim}")
+    level = torch.as_tensor(level)
+    if level.dim() != 1:
+        raise ValueError(f"levels must have shape (B,), got {tuple(level.shape)}")
+    check_range(level, 0.0, 1.0, "noise-augmentation levels")
+    half = dim // 2
+    freqs = torch.exp(-math.log(MAX_PERIOD) * torch.arange(half, dtype=torch.float32, device=level.device) / half)
+    args = (level.to(torch.float32) * LEVEL_EMBEDDING_SCALE)[:, None] * freqs[None, :]
+    features = torch.cat([torch.sin(args), torch.cos(args)], dim=1)
+    if dim % 2:
+        features = torch.nn.functional.pad(features, (0, 1))
+    return features
+
+
 def class_vector(cond: Conditioning, inputs: dict[str, torch.Tensor]) -> torch.Tensor | None:
     """The (B, class_dim) class-label vector of the convention above, or None when the U-Net has no class input."""
-    from pipeline.diffusion.objective import level_embedding
-
     parts = []
     if cond.pooled_text:
         parts.append(masked_mean(inputs["text"], inputs["mask"]))

@@ -31,20 +31,22 @@ from typing import Literal
 import torch
 from torch import nn
 
+from pipeline.bundle import STAGE_META
 from pipeline.config import Config
 from pipeline.config_schema import check, doc, to_dict
 from pipeline.data.spec import SampleSpec
 from pipeline.errors import ConfigError, PipelineError
 from pipeline.eval.reconstruction import reconstruction_sums, to_unit
 from pipeline.models.attention import ATTENTION_BACKENDS
+from pipeline.models.diffusers_attention import install_attention
 from pipeline.models.autoencoder import (Autoencoder, AutoencoderConfig, AutoencoderOutput, LatentCodec,
-                                         build_autoencoder, codebook_usage)
+                                         build_autoencoder, codebook_usage, load_autoencoder)
 from pipeline.models.discriminator import (DiscriminatorConfig, LossConfig, PatchDiscriminator, PerceptualLoss,
                                            adaptive_weight, discriminator_loss, generator_loss)
-from pipeline.stages.base import EvalSums, Stage, StageContext, StepOutput
+from pipeline.train.stage import EvalSums, MetricSums, Stage, StageContext, StepOutput
+from pipeline.train.weights import checkpoint_config, restore_stage
 
 log = logging.getLogger(__name__)
-STAGE_CONFIG = "t2i_stage.json"
 COMPONENT = "autoencoder"
 
 
@@ -109,8 +111,6 @@ class AutoencoderStage(Stage):
         return {"model.loss.perceptual_path": path} if path else {}
 
     def build_trainable(self) -> dict[str, nn.Module]:
-        from pipeline.models.diffusers_attention import install_attention
-
         generator = build_autoencoder(self.mcfg.autoencoder, self.resolution)
         if self.mcfg.autoencoder.mid_attention:
             install_attention(generator.vae, self.mcfg.attention)
@@ -255,7 +255,7 @@ class AutoencoderStage(Stage):
                  batches: Iterable[dict]) -> EvalSums:
         ae: Autoencoder = models["generator"]
         scale, shift = ae.scale_shift()
-        sums: dict[str, list[float]] = {}
+        sums = MetricSums()
         for batch in batches:
             images = batch["image"]
             out = ae.run(images, sample=False)
@@ -272,11 +272,8 @@ class AutoencoderStage(Stage):
             else:
                 usage, perplexity = codebook_usage(torch.bincount(out.indices, minlength=ae.cfg.codebook_size))
                 found.update(codebook_usage=(usage, 1.0), codebook_perplexity=(perplexity, 1.0))
-            for key, (s, c) in found.items():
-                acc = sums.setdefault(key, [0.0, 0.0])
-                acc[0] += s
-                acc[1] += c
-        return {key: (s, c) for key, (s, c) in sums.items()}
+            sums.merge(found)
+        return sums.sums()
 
     @torch.no_grad()
     def sample_images(self, models: Mapping[str, nn.Module], frozen: Mapping[str, nn.Module], seed: int,
@@ -305,44 +302,26 @@ class AutoencoderStage(Stage):
         stage = {"stage": self.name, "kind": cfg.kind, "resolution": self.resolution,
                  "downsampling_factor": cfg.factor, "latent_shape": [cfg.latent_channels, side, side],
                  "scaling_factor": scale, "shift_factor": shift, "model": to_dict(self.mcfg)}
-        (out_dir / STAGE_CONFIG).write_text(json.dumps(stage, indent=2) + "\n", encoding="utf-8")
+        (out_dir / STAGE_META).write_text(json.dumps(stage, indent=2) + "\n", encoding="utf-8")
 
 
-def load_autoencoder(path: str | Path, use_ema: bool = True) -> LatentCodec:
-    """A frozen :class:`LatentCodec` (eval mode, no gradients, CPU, fp32) from an exported component folder (a
-    diffusers config.json + weights; or the bundle holding it) or from an autoencoder run dir / checkpoint dir,
-    whose checkpoint (latest, or the one named) is consolidated in memory exactly as ``python -m pipeline export``
-    would (EMA weights when the run keeps them and `use_ema`). The caller's RNG streams are left untouched."""
-    from pipeline.train.rng import isolated
-
+def load_codec(path: str | Path, use_ema: bool = True) -> LatentCodec:
+    """A frozen :class:`LatentCodec` (eval mode, no gradients, CPU, fp32) from an exported autoencoder folder, a
+    bundle holding one, or an autoencoder run dir / checkpoint dir, whose checkpoint (latest, or the one named) is
+    consolidated in memory exactly as ``python -m pipeline export`` would (EMA weights when the run keeps them and
+    `use_ema`). The caller's RNG streams are left untouched."""
     path = Path(path)
     if not (path / "config.json").is_file() and (path / COMPONENT / "config.json").is_file():
         path = path / COMPONENT  # a bundle root
-    with isolated():
-        if (path / "config.json").is_file():
-            codec = LatentCodec.from_pretrained(path)
-        elif path.is_dir():
-            codec = LatentCodec(_vae_from_checkpoint(path, use_ema))
-        else:
-            raise ConfigError(f"{path}: no such autoencoder (expected an exported folder with config.json, or an "
-                              f"autoencoder run directory)")
-    codec.requires_grad_(False)
-    return codec.eval()
-
-
-def _vae_from_checkpoint(path: Path, use_ema: bool) -> nn.Module:
-    from pipeline.config import config_from_text
-    from pipeline.train.checkpoint import CONFIG_YAML, read_trainer_json
-    from pipeline.train.manifest import verify_checkpoint
-    from pipeline.train.weights import consolidated_weights, load_strict, resolve_checkpoint
-
-    ckpt = resolve_checkpoint(path)
-    verify_checkpoint(ckpt)
-    cfg = config_from_text((ckpt / CONFIG_YAML).read_text(encoding="utf-8"), source=str(ckpt / CONFIG_YAML))
+    if (path / "config.json").is_file():
+        return load_autoencoder(path)
+    if not path.is_dir():
+        raise ConfigError(f"{path}: no such autoencoder (expected an exported folder with config.json, or an "
+                          f"autoencoder run directory)")
+    _, cfg = checkpoint_config(path)
     if cfg.stage != AutoencoderStage.name:
         raise ConfigError(f"{path}: a {cfg.stage!r} run, not an autoencoder run")
-    ae = build_autoencoder(cfg.model.autoencoder, cfg.data.resolution)
-    with_ema = use_ema and bool(read_trainer_json(ckpt).get("ema"))
-    load_strict(ae, consolidated_weights(ckpt, "generator", with_ema), f"{ckpt} part 'generator'")
-    return ae.eval().finalised_vae()
-
+    generator: Autoencoder = restore_stage(path, use_ema=use_ema).modules["generator"]
+    codec = LatentCodec(generator.finalised_vae())
+    codec.requires_grad_(False)
+    return codec.eval()

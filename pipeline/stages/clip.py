@@ -16,7 +16,7 @@ from pipeline.eval.retrieval import retrieval_sums
 from pipeline.losses.contrastive import clip_loss, siglip_loss
 from pipeline.models.clip import (ClipConfig, ClipTokenize, build_clip, image_size_of, is_pretrained_tag,
                                   open_clip_model_cfg, preprocess_cfg)
-from pipeline.stages.base import EvalSums, Stage, StageContext, StepOutput
+from pipeline.train.stage import EvalSums, MetricSums, Stage, StageContext, StepOutput
 
 OPEN_CLIP_CONFIG = "open_clip_config.json"
 OPEN_CLIP_WEIGHTS = "open_clip_model.safetensors"
@@ -80,14 +80,11 @@ class ClipStage(Stage):
     @torch.no_grad()
     def evaluate(self, models: Mapping[str, nn.Module], frozen: Mapping[str, nn.Module],
                  batches: Iterable[dict]) -> EvalSums:
-        totals: dict[str, list[float]] = {}
+        totals = MetricSums()
         for batch in batches:
             out = self._features(models["model"], batch)
-            for key, (hits, count) in retrieval_sums(out[0], out[1], batch["caption"]).items():
-                acc = totals.setdefault(key, [0.0, 0.0])
-                acc[0] += hits
-                acc[1] += count
-        return {key: (s, c) for key, (s, c) in totals.items()}
+            totals.merge(retrieval_sums(out[0], out[1], batch["caption"]))
+        return totals.sums()
 
     def export(self, modules: Mapping[str, nn.Module], out_dir: Path) -> None:
         """Write an open_clip ``local-dir:`` folder: open_clip_config.json + open_clip_model.safetensors."""

@@ -32,8 +32,10 @@ from typing import Literal
 import torch
 from torch import nn
 
+from pipeline.bundle import PRIOR_META
 from pipeline.config import Config
 from pipeline.config_schema import check, doc, to_dict
+from pipeline.data.loader import build_eval_loader
 from pipeline.data.spec import SampleSpec, normalize_batch
 from pipeline.diffusion.objective import cfg_drop, diffusion_loss
 from pipeline.diffusion.samplers import make_scheduler, scheduler_config
@@ -41,10 +43,12 @@ from pipeline.diffusion.schedules import DiffusionConfig, NoiseSchedule, build_s
 from pipeline.errors import ConfigError, PipelineError
 from pipeline.eval.prior import prior_eval_sums
 from pipeline.models.attention import ATTENTION_BACKENDS
+from pipeline.models.diffusers_attention import install_attention
 from pipeline.models.frozen_clip import ClipInfo, FolderTokenize, FrozenClip, TextEncoding, read_clip_info
-from pipeline.models.prior import (PRIOR_JSON, PriorConfig, PriorSampler, PriorSamplingConfig, build_prior,
-                                   condition, normalize_embedding, null_condition, prior_forward, set_stats)
-from pipeline.stages.base import EvalSums, Stage, StageContext, StepOutput
+from pipeline.models.prior import (PriorConfig, build_prior, condition, normalize_embedding, null_condition,
+                                   prior_forward, set_stats)
+from pipeline.sampling.prior import PriorSampler, PriorSamplingConfig
+from pipeline.train.stage import EvalSums, MetricSums, Stage, StageContext, StepOutput
 
 IMAGE_EMB = "clip_image_emb"  # the array `shards precompute --encoder clip-image:CLIP_DIR` writes
 MIN_STD = 1e-6  # a dimension with (numerically) no spread would divide the target by ~0
@@ -127,8 +131,6 @@ class PriorStage(Stage):
         return {"model.clip": self.mcfg.clip}
 
     def build_trainable(self) -> dict[str, nn.Module]:
-        from pipeline.models.diffusers_attention import install_attention
-
         prior = build_prior(self.mcfg.prior, embed_dim=self.info.embed_dim, num_tokens=self.info.context_length)
         install_attention(prior, self.mcfg.attention)
         self._built = prior
@@ -144,8 +146,6 @@ class PriorStage(Stage):
     @torch.no_grad()
     def embedding_stats(self, clip: FrozenClip) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-dimension mean and std (E,) float32 of the first `stats_samples` training image embeddings."""
-        from pipeline.data.loader import build_eval_loader
-
         spec = self.sample_spec()
         data = replace(self.cfg.data, eval_urls=self.cfg.data.urls,
                        eval_precomputed_urls=self.cfg.data.precomputed_urls, num_workers=0)
@@ -220,7 +220,7 @@ class PriorStage(Stage):
         prior = models["prior"]
         sampler = self.sampler(prior, frozen["clip"])
         mean, std = self.stats(prior)
-        sums: dict[str, list[float]] = {}
+        sums = MetricSums()
         for index, batch in enumerate(batches):
             text, image_emb = self._encode(frozen, batch)
             found = prior_eval_sums(sampler.sample(text, seed=index), text.pooled, image_emb, list(batch["caption"]))
@@ -231,11 +231,8 @@ class PriorStage(Stage):
             out = diffusion_loss(lambda x_t, t: prior_forward(prior, x_t, t, cond), x0, self.schedule,
                                  self.mcfg.diffusion, generator=gen)
             found["loss"] = (float(out.per_sample.sum()), float(out.per_sample.numel()))
-            for key, (s, c) in found.items():
-                acc = sums.setdefault(key, [0.0, 0.0])
-                acc[0] += s
-                acc[1] += c
-        return {key: (s, c) for key, (s, c) in sums.items()}
+            sums.merge(found)
+        return sums.sums()
 
     # ---------------------------------------------------------------------------------------- export
     def export(self, modules: Mapping[str, nn.Module], out_dir: Path) -> None:
@@ -257,7 +254,7 @@ class PriorStage(Stage):
                          "weights_sha256": _weights_digest(Path(info.path))},
                 "diffusion": to_dict(mcfg.diffusion), "sampling": to_dict(mcfg.sampling),
                 "stats_samples": mcfg.stats_samples, "model": to_dict(mcfg)}
-        (out_dir / PRIOR_JSON).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+        (out_dir / PRIOR_META).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
 
 
 def _weights_digest(folder: Path) -> str:

@@ -19,20 +19,25 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pipeline.bundle import STAGE_META, describe_files, read_index
 from pipeline.config import Config
 from pipeline.config_schema import to_dict
 from pipeline.data.spec import SampleSpec
-from pipeline.diffusion.cascade import SamplingConfig, StageSampler, low_res_input, sample_stage
+from pipeline.data.synthetic import parse_caption
 from pipeline.diffusion.objective import cfg_drop, diffusion_loss, random_levels, stratified_timesteps
 from pipeline.diffusion.samplers import make_scheduler, scheduler_config
 from pipeline.diffusion.schedules import NoiseSchedule, build_schedule
 from pipeline.errors import ConfigError, PipelineError
+from pipeline.eval.fidelity import fidelity_sums
+from pipeline.models.diffusers_attention import install_attention
+from pipeline.models.fused_norm import install_fused_norm
 from pipeline.models.unet import Conditioning, build_unet, null_condition, unet_forward
-from pipeline.stages.base import EvalSums, Stage, StageContext, StepOutput
+from pipeline.sampling.cascade import CascadeLevel, SamplingConfig, low_res_input, sample_level
+from pipeline.stages.autoencoder import load_codec
 from pipeline.stages.unet_config import UNetStageConfig, _is_local, autoencoder_geometry, text_encoder_dim
-from pipeline.text.t5 import FrozenT5Encoder, T5Tokenize
+from pipeline.text.t5 import FrozenT5Encoder, T5Tokenize, save_t5
+from pipeline.train.stage import EvalSums, MetricSums, Stage, StageContext, StepOutput
 
-STAGE_CONFIG = "t2i_stage.json"
 BUCKETS = 4  # timestep buckets of the held-out denoising loss
 
 
@@ -120,14 +125,10 @@ class UNetStage(Stage):
         return self.t5_dim
 
     def build_trainable(self) -> dict[str, nn.Module]:
-        from pipeline.models.diffusers_attention import install_attention
-
         unet = build_unet(self.mcfg.unet, sample_size=self.grid[1], in_channels=self.grid[0],
                           out_channels=self.grid[0], cond=self.conditioning(self._text_dim()))
         install_attention(unet, self.mcfg.attention)
         if self.mcfg.unet.fused_norm:
-            from pipeline.models.fused_norm import install_fused_norm
-
             install_fused_norm(unet, self.mcfg.attention)
         if self.cfg.train.activation_checkpointing:
             unet.enable_gradient_checkpointing()
@@ -138,9 +139,7 @@ class UNetStage(Stage):
         if self.mcfg.text_source == "encoder":
             frozen["t5"] = FrozenT5Encoder(self.mcfg.text_encoder)
         if self.mcfg.space == "latent":  # also with precomputed latents: evaluation and grids decode
-            from pipeline.stages.autoencoder import load_autoencoder
-
-            frozen["autoencoder"] = load_autoencoder(self.mcfg.autoencoder)
+            frozen["autoencoder"] = load_codec(self.mcfg.autoencoder)
         return frozen
 
     def _x0(self, frozen: Mapping[str, nn.Module], batch: dict) -> torch.Tensor:
@@ -207,11 +206,11 @@ class UNetStage(Stage):
 
     # ---------------------------------------------------------------------------------------- sample
     def sampler(self, unet: nn.Module | None, settings: SamplingConfig | None = None,
-                decode: Callable[[torch.Tensor], torch.Tensor] | None = None) -> StageSampler:
-        """This stage as a :class:`StageSampler` around `unet` (None: only its schedule/grid are used); `decode`
-        maps latents to images for a latent stage."""
+                decode: Callable[[torch.Tensor], torch.Tensor] | None = None) -> CascadeLevel:
+        """This stage's network as a :class:`CascadeLevel` around `unet` (None: only its schedule/grid are used);
+        `decode` maps latents to images for a latent stage."""
         sr = self.mcfg.super_res
-        return StageSampler(name=self.mcfg.name, unet=unet, cond=self.conditioning(self._text_dim()),
+        return CascadeLevel(name=self.mcfg.name, unet=unet, cond=self.conditioning(self._text_dim()),
                             schedule=self.schedule, target=self.mcfg.diffusion.target, resolution=self.resolution,
                             grid=self.grid, defaults=settings or self.mcfg.sampling, low_res=sr.low_res,
                             sample_noise_level=sr.sample_noise_level, decode=decode)
@@ -226,7 +225,7 @@ class UNetStage(Stage):
                                   guidance_rescale=self.mcfg.sampling.guidance_rescale,
                                   dynamic_threshold=self.mcfg.sampling.dynamic_threshold)
         decode = frozen["autoencoder"].decode if self.mcfg.space == "latent" else None
-        return sample_stage(self.sampler(unet, decode=decode), inputs, settings=settings, seed=seed)
+        return sample_level(self.sampler(unet, decode=decode), inputs, settings=settings, seed=seed)
 
     def sample_images(self, models: Mapping[str, nn.Module], frozen: Mapping[str, nn.Module], seed: int,
                       batch: dict | None = None) -> torch.Tensor | None:
@@ -245,20 +244,31 @@ class UNetStage(Stage):
     def evaluate(self, models: Mapping[str, nn.Module], frozen: Mapping[str, nn.Module],
                  batches: Iterable[dict]) -> EvalSums:
         unet = models["unet"]
-        sums: dict[str, list[float]] = {}
+        sums = MetricSums()
         prompts_left = self.mcfg.eval_prompts // max(1, self.ctx.world_size)
         for index, batch in enumerate(batches):
-            self._add(sums, self._bucket_losses(unet, frozen, batch, index))
+            sums.merge(self._bucket_losses(unet, frozen, batch, index))
             if prompts_left > 0:
                 head = _head(batch, prompts_left)
                 prompts_left -= len(head["caption"])
-                from pipeline.eval.fidelity import prompt_fidelity_sums
+                self._fidelity(unet, frozen, head, index, sums)
+        return sums.sums()
 
-                for suffix, guidance in (("", self.mcfg.sampling.guidance), ("_no_guidance", 1.0)):
-                    images = self._sample_for(unet, frozen, head, guidance, seed=index)
-                    found = prompt_fidelity_sums(images, head["caption"])
-                    self._add(sums, {f"fidelity_{k}{suffix}": v for k, v in found.items()})
-        return {key: (s, c) for key, (s, c) in sums.items()}
+    def _fidelity(self, unet: nn.Module, frozen: Mapping[str, nn.Module], batch: dict, seed: int,
+                  sums: MetricSums) -> None:
+        """Prompt fidelity of images sampled with and without guidance for the batch's synthetic-grammar captions
+        (pipeline/eval/fidelity.py). Captions are parsed first: only those samples are generated, and a batch of
+        other captions (real data) costs nothing."""
+        parsed = [(i, parse_caption(caption)) for i, caption in enumerate(batch["caption"])]
+        parsed = [(i, objects) for i, objects in parsed if objects is not None]
+        if not parsed:
+            return
+        chosen = _rows(batch, [i for i, _ in parsed])
+        for suffix, guidance in (("", self.mcfg.sampling.guidance), ("_no_guidance", 1.0)):
+            images = self._sample_for(unet, frozen, chosen, guidance, seed=seed)
+            pixels = ((images.float().cpu() + 1.0) / 2.0).clamp(0.0, 1.0)
+            found = fidelity_sums(pixels, [objects for _, objects in parsed])
+            sums.merge({f"fidelity_{k}{suffix}": v for k, v in found.items()})
 
     def _bucket_losses(self, unet: nn.Module, frozen: Mapping[str, nn.Module], batch: dict,
                        index: int) -> dict[str, tuple[float, float]]:
@@ -281,13 +291,6 @@ class UNetStage(Stage):
             result[f"loss_t{lo:04d}-{hi:04d}"] = (float(chosen.sum()), float(chosen.numel()))
         return result
 
-    @staticmethod
-    def _add(sums: dict[str, list[float]], values: Mapping[str, tuple[float, float]]) -> None:
-        for key, (s, c) in values.items():
-            acc = sums.setdefault(key, [0.0, 0.0])
-            acc[0] += s
-            acc[1] += c
-
     # ---------------------------------------------------------------------------------------- export
     def component_name(self) -> str:
         return f"unet_{self.mcfg.name}"
@@ -295,9 +298,6 @@ class UNetStage(Stage):
     def export_helpers(self, bundle: Path, dtype: torch.dtype, reference: bool) -> dict[str, dict]:
         """The T5 the cascade encodes prompts with, as bundle component `t5` (one T5 per bundle: every U-Net
         stage of a cascade reads the same tokens)."""
-        from pipeline.bundle import read_index
-        from pipeline.text.t5 import save_t5
-
         source = self.mcfg.text_encoder.path
         existing = read_index(bundle)["components"].get("t5") if (bundle / "bundle.json").is_file() else None
         if existing is not None:
@@ -325,11 +325,10 @@ class UNetStage(Stage):
         (out_dir / "scheduler" / "scheduler_config.json").write_text(json.dumps(scheduler, indent=2) + "\n")
         stage = {"name": mcfg.name, "space": mcfg.space, "resolution": self.resolution, "grid": list(self.grid),
                  "conditioning": self.conditioning(self._text_dim()).__dict__, "model": to_dict(mcfg)}
-        (out_dir / STAGE_CONFIG).write_text(json.dumps(stage, indent=2) + "\n", encoding="utf-8")
-        sr = mcfg.super_res
         if mcfg.space == "latent":  # which autoencoder the latents belong to: the bundle's must be this one
             stage["autoencoder_sha256"] = autoencoder_digest(mcfg.autoencoder)
-            (out_dir / STAGE_CONFIG).write_text(json.dumps(stage, indent=2) + "\n", encoding="utf-8")
+        (out_dir / STAGE_META).write_text(json.dumps(stage, indent=2) + "\n", encoding="utf-8")
+        sr = mcfg.super_res
         return {"resolution": self.resolution, "space": mcfg.space, "low_res": sr.low_res,
                 "sample_noise_level": sr.sample_noise_level, "image_embed_dim": mcfg.image_embed.dim,
                 "sampling": to_dict(mcfg.sampling), "t5": to_dict(mcfg.text_encoder)}
@@ -338,8 +337,6 @@ class UNetStage(Stage):
 def autoencoder_digest(path: str) -> str:
     """sha256 of the autoencoder's weights as it is exported (a folder: its safetensors file; a run dir: the
     weights it would export), so a bundle can check its autoencoder is the one a latent stage was trained on."""
-    from pipeline.bundle import describe_files
-
     folder = Path(path)
     if not (folder / "config.json").is_file():
         return ""  # a run dir: the bundle check then relies on the autoencoder exported from that run
@@ -350,3 +347,10 @@ def autoencoder_digest(path: str) -> str:
 def _head(batch: dict, n: int) -> dict:
     """The first `n` samples of a batch (tensors and lists)."""
     return {k: v[:n] for k, v in batch.items()}
+
+
+def _rows(batch: dict, indices: list[int]) -> dict:
+    """The samples `indices` of a batch (tensors and lists), in that order."""
+    index = torch.tensor(indices, dtype=torch.long)
+    return {k: v[index.to(v.device)] if isinstance(v, torch.Tensor) else [v[i] for i in indices]
+            for k, v in batch.items()}

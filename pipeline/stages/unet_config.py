@@ -1,17 +1,19 @@
 """The typed `model:` section of a `stage: unet` config (base or super-resolution, pixel or latent space)."""
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
 from pipeline.config_schema import check, doc
-from pipeline.diffusion.cascade import SamplingConfig
 from pipeline.diffusion.schedules import DiffusionConfig
 from pipeline.errors import ConfigError
 from pipeline.models.attention import ATTENTION_BACKENDS
 from pipeline.models.unet import UNetConfig
-from pipeline.text.t5 import TINY, T5EncoderConfig
+from pipeline.sampling.cascade import SamplingConfig
+from pipeline.text.t5 import TINY, TINY_DIMS, T5EncoderConfig
+from pipeline.train.weights import checkpoint_config
 
 
 @dataclass(frozen=True)
@@ -83,8 +85,10 @@ class UNetStageConfig:
     super_res: SuperResConfig = doc(SuperResConfig(), "Super-resolution settings (low_res 0 = base stage).")
     image_embed: ImageEmbedConfig = doc(ImageEmbedConfig(), "CLIP image-embedding (unCLIP) conditioning.")
     sampling: SamplingConfig = doc(SamplingConfig(), "Default sampling settings (grids, evaluation, export).")
-    eval_prompts: int = doc(64, "Held-out captions per evaluation whose samples are scored for prompt fidelity "
-                                "(per run, in evaluation batches; 0 = off).")
+    eval_prompts: int = doc(0, "Held-out captions per evaluation whose samples are scored for prompt fidelity "
+                               "(per run, in evaluation batches; 0 = off). The checker reads only the synthetic "
+                               "scenes' caption grammar (pipeline/eval/fidelity.py): captions it cannot parse are "
+                               "not sampled, and configs for real data leave this at 0.")
     grid_images: int = doc(16, "Images in the periodic sample grid (held-out prompts).")
 
     def __post_init__(self) -> None:
@@ -120,14 +124,12 @@ KNOWN_T5_WIDTHS = {"t5-v1_1-small": 512, "t5-v1_1-base": 768, "t5-v1_1-large": 1
 
 def text_encoder_dim(cfg: T5EncoderConfig) -> int:
     """d_model of a T5 encoder config without loading its weights."""
-    from pipeline.text.t5 import TINY_DIMS
-
     if cfg.path == TINY:
         return TINY_DIMS["d_model"]
     known = KNOWN_T5_WIDTHS.get(cfg.path.rstrip("/").split("/")[-1])
     if known is not None and not Path(cfg.path).exists():
         return known
-    from transformers import AutoConfig
+    from transformers import AutoConfig  # transformers takes seconds to import: only when a T5 is read
 
     try:
         return int(AutoConfig.from_pretrained(cfg.path).d_model)
@@ -139,20 +141,13 @@ def text_encoder_dim(cfg: T5EncoderConfig) -> int:
 def autoencoder_geometry(path: str) -> tuple[int, int, int]:
     """(latent channels, downsampling factor f, image side it was trained at) of an exported autoencoder folder or
     an autoencoder run dir, read from configs only (no weights)."""
-    import json
-
     folder = Path(path)
     config = folder / "config.json"
     if config.is_file():
         data = json.loads(config.read_text(encoding="utf-8"))
         return (int(data["latent_channels"]), 2 ** (len(data["block_out_channels"]) - 1),
                 int(data.get("sample_size") or 0))
-    from pipeline.config import config_from_text
-    from pipeline.train.checkpoint import CONFIG_YAML
-    from pipeline.train.weights import resolve_checkpoint
-
-    ckpt = resolve_checkpoint(folder)
-    cfg = config_from_text((ckpt / CONFIG_YAML).read_text(encoding="utf-8"), source=str(ckpt / CONFIG_YAML))
+    _, cfg = checkpoint_config(folder)
     if cfg.stage != "autoencoder":
         raise ConfigError(f"model.autoencoder: {path} is a {cfg.stage!r} run, not an autoencoder run")
     return cfg.model.autoencoder.latent_channels, cfg.model.autoencoder.factor, cfg.data.resolution

@@ -2,8 +2,8 @@
 
 Real runs point `path` at a T5 (v1.1 / flan) checkpoint directory or hub id such as ``google/t5-v1_1-xxl``.
 ``path: tiny`` builds a tiny random encoder in memory, needing no file: a fixed word-level Unigram vocabulary
-(the synthetic dataset's words and common English words, with single characters as fallback so any caption
-tokenizes) and weights drawn from a fixed seed, identical in every process. :func:`write_tiny_t5` writes the same
+(the synthetic dataset's words and common English words, pipeline.data.synthetic.caption_words, with single
+characters as fallback so any caption tokenizes) and weights drawn from a fixed seed, identical in every process. :func:`write_tiny_t5` writes the same
 kind of model to a folder that transformers' own loaders read (tests of the real loading path, precompute).
 
 Shapes: captions list[str] (B) -> input_ids int64 (B, L), attention_mask bool (B, L) (True = real token),
@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from pipeline.config_schema import check, doc
+from pipeline.data.synthetic import caption_words
 from pipeline.errors import CheckpointError, ConfigError
 
 
@@ -38,19 +39,6 @@ class T5EncoderConfig:
 TINY = "tiny"
 TINY_SEED = 0
 TINY_DIMS = {"d_model": 32, "layers": 2, "heads": 2}
-_ENGLISH = ("a an the and or of on in at to with without near next beside above below under over left right top "
-            "bottom center middle corner small large big tiny huge little one two three some many is are this that "
-            "photo picture image drawing painting of dark light bright background shape object").split()
-
-
-def tiny_words() -> list[str]:
-    """The tiny T5's whole-word vocabulary: every word of the synthetic captions plus common English words."""
-    from pipeline.data.synthetic import COLOURS, POSITION_PHRASES, SHAPES, SIZES
-
-    phrases = " ".join(POSITION_PHRASES.values()).split()
-    return sorted({*COLOURS, *SHAPES, *SIZES, *phrases, *_ENGLISH})
-
-
 def tiny_tokenizer(words: Iterable[str]):
     """A T5 tokenizer whose Unigram vocabulary holds T5's special tokens, one '▁word' piece per word and single
     characters as fallback (so any caption tokenizes without unknown tokens)."""
@@ -79,7 +67,7 @@ def _load_tokenizer(path: str):
     from transformers import AutoTokenizer
 
     if path == TINY:
-        return tiny_tokenizer(tiny_words())
+        return tiny_tokenizer(caption_words())
     try:
         return AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError) as exc:

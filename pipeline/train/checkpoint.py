@@ -32,7 +32,8 @@ from typing import Any
 import torch
 
 from pipeline.errors import CheckpointError
-from pipeline.train import manifest, rng
+from pipeline import manifest
+from pipeline.train import rng
 from pipeline.train.backend import Dist, Part
 from pipeline.train.ema import EMA, load_ema, save_ema
 
@@ -140,10 +141,10 @@ class Checkpointer:
     """Saves and loads the complete training state of this rank; all ranks call save/load together."""
 
     def __init__(self, run_dir: Path, dist: Dist, parts: Mapping[str, Part], emas: Mapping[str, EMA],
-                 identity: dict[str, Any], config_text: str, keep_last: int) -> None:
+                 fingerprint: dict[str, Any], config_text: str, keep_last: int) -> None:
         self.root = run_dir / "checkpoints"
         self.dist, self.parts, self.emas = dist, parts, emas
-        self.identity = identity  # world_size, zero_stage, precision, parts, stage, ema: must match on resume
+        self.fingerprint = fingerprint  # world_size, zero_stage, precision, parts, stage, ema: must match on resume
         self.config_text, self.keep_last = config_text, keep_last
 
     # ----------------------------------------------------------------------------------------------- save
@@ -165,7 +166,7 @@ class Checkpointer:
             save_ema(ema, name, partial, self.dist.rank, self.dist.world_size)
         if self.dist.rank == 0:
             meta = {"format_version": FORMAT_VERSION, "step": step, "counters": counters,
-                    "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S"), **self.identity}
+                    "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S"), **self.fingerprint}
             manifest.write_json_atomic(partial / TRAINER_JSON, meta)
             (partial / CONFIG_YAML).write_text(self.config_text, encoding="utf-8")
         self.dist.barrier("checkpoint files written")  # every rank finished writing before anything is published
@@ -191,7 +192,7 @@ class Checkpointer:
 
     # ----------------------------------------------------------------------------------------------- load
     def verify(self, ckpt_dir: Path) -> dict[str, Any]:
-        """Verify the manifest (each rank checks a share; all ranks raise the same error) and the identity."""
+        """Verify the manifest (each rank checks a share; all ranks raise the same error) and the run fingerprint."""
         entries = manifest.read_manifest(ckpt_dir)
         names = sorted(entries)
         problems = manifest.verify_files(ckpt_dir, entries, names[self.dist.rank::self.dist.world_size])
@@ -200,20 +201,20 @@ class Checkpointer:
             more = f" (and {len(every) - 1} more)" if len(every) > 1 else ""
             raise CheckpointError(f"corrupted checkpoint: {every[0]}{more}")
         meta = read_trainer_json(ckpt_dir)
-        self._check_identity(ckpt_dir, meta)
+        self._check_fingerprint(ckpt_dir, meta)
         return meta
 
-    def _check_identity(self, ckpt_dir: Path, meta: dict[str, Any]) -> None:
-        if meta.get("world_size") != self.identity["world_size"]:
+    def _check_fingerprint(self, ckpt_dir: Path, meta: dict[str, Any]) -> None:
+        if meta.get("world_size") != self.fingerprint["world_size"]:
             raise CheckpointError(
                 f"{ckpt_dir} was written by {meta.get('world_size')} ranks, this run has "
-                f"{self.identity['world_size']}; resume with the same number of processes (ZeRO shards, RNG "
+                f"{self.fingerprint['world_size']}; resume with the same number of processes (ZeRO shards, RNG "
                 "streams and every rank's data position are per rank), or start a new run from its weights with "
                 "ckpt.init_from")
         for key in ("stage", "parts", "zero_stage", "precision", "ema"):
-            if meta.get(key) != self.identity[key]:
+            if meta.get(key) != self.fingerprint[key]:
                 raise CheckpointError(f"{ckpt_dir}: {key} is {meta.get(key)!r} in the checkpoint but "
-                                      f"{self.identity[key]!r} in this run; resume with the same setting")
+                                      f"{self.fingerprint[key]!r} in this run; resume with the same setting")
 
     def load(self, ckpt_dir: Path) -> Restored:
         """Restore engines (model + optimizer) and EMA from `ckpt_dir`; return step, counters, RNG, data state."""

@@ -7,6 +7,7 @@ Exit codes: 0 when train.max_steps is reached (or was already reached by the che
 """
 from __future__ import annotations
 
+import datetime
 import hashlib
 import logging
 import sys
@@ -18,13 +19,18 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import torch
+import torch.distributed as tdist
+
 from pipeline.config import Config
 from pipeline.config_schema import to_dict
 from pipeline.errors import PipelineError
-from pipeline.train.backend import Dist, process_group, select_device
-from pipeline.train.launch_env import deepspeed_environment, detect_launch_env
+from pipeline.registry import stage_class
+from pipeline.train.backend import Dist, process_group, release_gloo_tensors, select_device
+from pipeline.train.launch_env import deepspeed_environment, detect_launch_env, free_port
 from pipeline.train.setup import DataSources, default_data_sources
 from pipeline.train.signals import StopRequest
+from pipeline.train.trainer import Trainer
 
 
 def _quiet_deepspeed(rank: int) -> None:
@@ -62,10 +68,7 @@ def code_fingerprint(cfg: Config) -> dict[str, str]:
     Loaded modules only: the code this run executes, and a file edited in the checkout that the run never imports
     (another stage being written) does not fail a run whose ranks read it a moment apart.
     """
-    import deepspeed
-    import torch
-
-    from pipeline.stages.registry import stage_class
+    import deepspeed  # seconds to import: only where needed
 
     package = Path(__file__).resolve().parents[1]
     stage_module = stage_class(cfg.stage).__module__
@@ -142,14 +145,6 @@ def local_process_group(timeout_s: int = 600) -> Iterator[None]:
     """One single-process group for an application that trains several runs in this process (the demo, tests):
     DeepSpeed caches process groups in module globals, so a group created after a first one was destroyed meets
     stale caches ("Group ... is not registered"). Runs inside it use it and leave it alone; it ends at exit."""
-    import datetime
-
-    import torch
-    import torch.distributed as tdist
-
-    from pipeline.train.backend import release_gloo_tensors
-    from pipeline.train.launch_env import free_port
-
     if tdist.is_initialized():
         yield
         return
@@ -169,8 +164,6 @@ def run_training(cfg: Config, run_dir: Path, *, sources: DataSources | None = No
 
     `sources` replaces the data-loader builders (tests); by default ``pipeline.data.loader`` is used.
     """
-    from pipeline.train.trainer import Trainer
-
     env = detect_launch_env()
     _log_to_stderr(env.rank)
     run_dir = Path(run_dir)

@@ -15,14 +15,19 @@ import torch
 from torch import nn
 
 from pipeline.config import Config, DataConfig
+from pipeline.data import loader as data_loader
+from pipeline.data.sources import expand_shard_specs
 from pipeline.data.spec import BatchLoader, SampleSpec
 from pipeline.errors import CheckpointError, ConfigError, PipelineError
-from pipeline.stages.base import Stage, StageContext
-from pipeline.stages.registry import stage_class
+from pipeline.registry import stage_class
+from pipeline.train.stage import Stage, StageContext
 from pipeline.train.backend import Dist, Part, make_part
-from pipeline.train.ds_config import Precision, build_deepspeed_config
+from pipeline.train import rng
+from pipeline.train.ds_config import Precision, build_deepspeed_config, trainer_clips_gradients
 from pipeline.train.ema import EMA
-from pipeline.train.weights import consolidated_weights, load_strict, resolve_checkpoint
+from pipeline.train.step import StepRunner
+from pipeline.models.loading import load_strict
+from pipeline.train.weights import consolidated_weights, resolve_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -43,9 +48,7 @@ class DataSources:
 
 
 def default_data_sources() -> DataSources:
-    from pipeline.data.loader import build_eval_loader, build_train_loader
-
-    return DataSources(train=build_train_loader, eval=build_eval_loader)
+    return DataSources(train=data_loader.build_train_loader, eval=data_loader.build_eval_loader)
 
 
 def build_stage(cfg: Config, dist: Dist, precision: Precision, run_dir: Path | None) -> Stage:
@@ -108,8 +111,6 @@ def open_inputs(cfg: Config, stage: Stage, spec: SampleSpec, sources: DataSource
     the models are built. The loaders' builders validate their own specs and precomputed alignment; precomputed
     specs the stage does not read are still required to exist (a typo there is a typo).
     """
-    from pipeline.data.sources import expand_shard_specs
-
     for key, spec_value in (("data.precomputed_urls", cfg.data.precomputed_urls),
                             ("data.eval_precomputed_urls", cfg.data.eval_precomputed_urls)):
         if spec_value and not spec.precomputed:
@@ -144,6 +145,27 @@ def build_all(cfg: Config, dist: Dist, precision: Precision, stage: Stage) -> Bu
     return Built(parts, frozen, emas)
 
 
+@dataclass
+class Training:
+    """What one rank trains: the built parts, frozen helpers and EMAs, and the step runner over them."""
+
+    built: Built
+    runner: StepRunner
+
+
+def build_training(cfg: Config, dist: Dist, precision: Precision, stage: Stage, spec: SampleSpec) -> Training:
+    """:func:`build_all` and the :class:`StepRunner`, exactly as the Trainer trains (and the benchmarks measure):
+    every rank builds identical initial weights from train.seed, then draws noise and dropout from a rank-distinct
+    seed."""
+    rng.seed_all(cfg.train.seed)
+    built = build_all(cfg, dist, precision, stage)
+    rng.seed_all(rng.rank_seed(cfg.train.seed, dist.rank))
+    clip = cfg.optim.grad_clip if trainer_clips_gradients(cfg, precision) else 0.0
+    runner = StepRunner(stage, spec, built.parts, built.frozen, dist, precision.dtype, cfg.train.grad_accum_steps,
+                        fp16=precision.name == "fp16", clip=clip)
+    return Training(built, runner)
+
+
 def switched_on(setting: str, device: torch.device) -> bool:
     """An 'auto' | 'on' | 'off' speed switch: 'auto' means on with CUDA."""
     return setting == "on" or (setting == "auto" and device.type == "cuda")
@@ -168,7 +190,7 @@ def build_train_loader(sources: DataSources, data: DataConfig, spec: SampleSpec,
                          rank=dist.rank, world_size=dist.world_size)
 
 
-def identity(cfg: Config, dist: Dist, precision: Precision, built: Built) -> dict[str, Any]:
-    """What must not change between a checkpoint and the run that resumes from it."""
+def run_fingerprint(cfg: Config, dist: Dist, precision: Precision, built: Built) -> dict[str, Any]:
+    """What must not change between a checkpoint and the run that resumes from it (stored in trainer.json)."""
     return {"world_size": dist.world_size, "zero_stage": cfg.dist.zero_stage, "precision": precision.name,
             "parts": list(built.parts), "stage": cfg.stage, "ema": bool(built.emas)}

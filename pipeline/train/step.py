@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from pipeline.data.spec import SampleSpec, normalize_batch
-from pipeline.stages.base import Stage
+from pipeline.train.stage import MetricSums, Stage
 from pipeline.train import rng
 from pipeline.train.backend import Dist, Part
 
@@ -40,7 +40,7 @@ class StepOutcome:
     """What one optimizer step did on this rank (losses are local means over this step's micro-batches)."""
 
     losses: dict[str, torch.Tensor]
-    metrics: dict[str, list[float]] = field(default_factory=dict)  # key -> [sum, count]
+    metrics: MetricSums = field(default_factory=MetricSums)  # per metric: (sum, count) over micro-steps
     applied: dict[str, bool] = field(default_factory=dict)
     nonfinite: bool = False  # some part skipped because of a non-finite loss or gradient
     overflow: bool = False  # some part skipped by fp16 dynamic loss scaling
@@ -156,10 +156,8 @@ class StepRunner:
             if norm is not None and not torch.isfinite(torch.as_tensor(norm)).item():
                 outcome.suspect = True
 
-    def _collect(self, sums: dict[str, list[float]], name: str, metrics: Mapping[str, Any]) -> None:
+    def _collect(self, sums: MetricSums, name: str, metrics: Mapping[str, Any]) -> None:
         prefix = "" if len(self.parts) == 1 else f"{name}/"
         for key, value in metrics.items():
             number = float(value.detach().float().mean().item()) if isinstance(value, torch.Tensor) else float(value)
-            acc = sums.setdefault(prefix + key, [0.0, 0.0])
-            acc[0] += number
-            acc[1] += 1.0
+            sums.add(prefix + key, number)

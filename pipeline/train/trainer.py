@@ -23,12 +23,13 @@ from pipeline.errors import PipelineError
 from pipeline.train import rng
 from pipeline.train.backend import Dist
 from pipeline.train.checkpoint import Checkpointer, Restored, find_latest, resolve_resume
-from pipeline.train.ds_config import resolve_precision, trainer_clips_gradients
+from pipeline.train.ds_config import resolve_precision
 from pipeline.train.metrics import MetricsSinks, max_memory_bytes
 from pipeline.train.schedule import lr_at
-from pipeline.train.setup import DataSources, build_all, build_stage, identity, open_inputs
+from pipeline.train.setup import DataSources, build_stage, build_training, open_inputs, run_fingerprint
 from pipeline.train.signals import StopRequest
-from pipeline.train.step import StepOutcome, StepRunner
+from pipeline.train.stage import MetricSums
+from pipeline.train.step import StepOutcome
 
 log = logging.getLogger(__name__)
 
@@ -57,16 +58,12 @@ class Trainer:
         self.spec = self.stage.sample_spec()
         inputs = open_inputs(cfg, self.stage, self.spec, sources, dist)  # every path checked before the models
         self.loader, self.eval_loader = inputs.train, inputs.eval
-        rng.seed_all(cfg.train.seed)  # identical initial weights on every rank
-        built = build_all(cfg, dist, self.precision, self.stage)
+        training = build_training(cfg, dist, self.precision, self.stage, self.spec)
+        built, self.runner = training.built, training.runner
         self.parts, self.frozen, self.emas = built.parts, built.frozen, built.emas
-        rng.seed_all(rng.rank_seed(cfg.train.seed, dist.rank))  # distinct noise/dropout per rank from here
         self.checkpointer = Checkpointer(run_dir, dist, self.parts, self.emas,
-                                         identity(cfg, dist, self.precision, built), dump_config(cfg),
+                                         run_fingerprint(cfg, dist, self.precision, built), dump_config(cfg),
                                          cfg.ckpt.keep_last)
-        clip = cfg.optim.grad_clip if trainer_clips_gradients(cfg, self.precision) else 0.0
-        self.runner = StepRunner(self.stage, self.spec, self.parts, self.frozen, dist, self.precision.dtype,
-                                 cfg.train.grad_accum_steps, fp16=self.precision.name == "fp16", clip=clip)
         self.counters = Counters()
         self.step = 0
         self.streak = 0
@@ -199,7 +196,7 @@ class Trainer:
     def _observe(self, step: int, outcome: StepOutcome) -> None:
         """One metrics record for this step: training figures (+ eval), rank 0 writes; all ranks take part."""
         wall = max(time.perf_counter() - self.window_start - self.excluded_s, 1e-9)
-        local = {"losses": {k: float(v.item()) for k, v in outcome.losses.items()}, "metrics": outcome.metrics,
+        local = {"losses": {k: float(v.item()) for k, v in outcome.losses.items()}, "metrics": outcome.metrics.sums(),
                  "wait_frac": min(self.window_wait_s / wall, 1.0), "skips": self.loader.skip_counts(),
                  "memory": max_memory_bytes(self.dist.device)}
         everyone = self.dist.gather_objects(local)
@@ -228,12 +225,10 @@ class Trainer:
             "max_memory_bytes": max(e["memory"] for e in everyone)}
         if len(losses) > 1:
             record.update({f"loss/{k}": v for k, v in losses.items()})
-        totals: dict[str, list[float]] = {}
+        totals = MetricSums()
         for e in everyone:
-            for key, (s, c) in e["metrics"].items():
-                acc = totals.setdefault(key, [0.0, 0.0])
-                acc[0], acc[1] = acc[0] + s, acc[1] + c
-        record.update({k: s / c for k, (s, c) in totals.items() if c > 0 and k not in record})
+            totals.merge(e["metrics"])
+        record.update({k: v for k, v in totals.means().items() if k not in record})
         return record
 
     @contextmanager
@@ -259,12 +254,10 @@ class Trainer:
                    for b in self._lockstep(self.eval_loader))
         with self._inference_models() as models, rng.isolated(), torch.no_grad():
             sums = self.stage.evaluate(models, self.frozen, batches)
-        totals: dict[str, list[float]] = {}
+        totals = MetricSums()
         for share in self.dist.gather_objects({k: (float(s), float(c)) for k, (s, c) in sums.items()}):
-            for key, (s, c) in share.items():
-                acc = totals.setdefault(key, [0.0, 0.0])
-                acc[0], acc[1] = acc[0] + s, acc[1] + c
-        return {f"eval/{k}": s / c for k, (s, c) in totals.items() if c > 0}
+            totals.merge(share)
+        return totals.means(prefix="eval/")
 
     def _lockstep(self, batches: Iterable[dict]) -> Iterator[dict]:
         """Yield batches only while every rank still has one.

@@ -20,7 +20,7 @@ from torch import nn
 
 from pipeline.config_schema import doc
 from pipeline.data.spec import SampleSpec
-from pipeline.stages.base import Stage, StepOutput
+from pipeline.train.stage import Stage, StepOutput
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]

@@ -15,11 +15,3 @@ def rect_shards(tmp_path_factory) -> Path:
     for shard in range(5):
         write_tar(root / f"shard-{shard:06d}.tar", (good_sample(shard * 10 + i) for i in range(10)))
     return root
-
-
-@pytest.fixture(scope="session")
-def precomputed(tmp_path_factory):
-    """precompute_helpers.Setup: source shards with two bad samples, tiny T5 + CLIP, and their precompute."""
-    from precompute_helpers import build_setup  # imports transformers/open_clip: only when a test needs it
-
-    return build_setup(tmp_path_factory.mktemp("precomputed"))

@@ -7,9 +7,9 @@ import pytest
 import torch
 from torch import Tensor
 
-from pipeline.diffusion.objective import (cfg_drop, diffusion_loss, level_embedding, noise_augment,
-                                          random_levels)
+from pipeline.diffusion.objective import cfg_drop, diffusion_loss, noise_augment, random_levels
 from pipeline.diffusion.schedules import DiffusionConfig, NoiseSchedule, build_schedule
+from pipeline.models.unet import level_embedding
 
 SCHEDULE = build_schedule(DiffusionConfig(), resolution=64)
 

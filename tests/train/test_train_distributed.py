@@ -15,7 +15,7 @@ import torch
 
 from pipeline.config import load_config
 from pipeline.errors import CheckpointError
-from pipeline.stages.base import StageContext
+from pipeline.train.stage import StageContext
 from pipeline.train.launch_env import free_port
 from pipeline.train.rng import seed_all
 from train_helpers import (REPO, assert_same_weights, base_config, latest_name, losses, read_metrics,

@@ -2,7 +2,7 @@
 
 The SIGKILL experiment by hand (from the repository root; CONFIG as written by resume_config below)::
 
-    export PYTHONPATH=tests/train                                  # the test stage trainer_toy_stage:ToyStage
+    export PYTHONPATH=tests/helpers                                # the test stage trainer_toy_stage:ToyStage
     python -m pipeline train CONFIG --run-dir ref                  # uninterrupted reference
     setsid python -m pipeline train CONFIG --run-dir run --set model.step_sleep_s=0.15 & PID=$!
     until grep -qx step_00000008 run/checkpoints/latest 2>/dev/null; do sleep 0.05; done
@@ -17,7 +17,7 @@ import signal
 from pathlib import Path
 
 from pipeline.export import export_run
-from pipeline.train.manifest import verify_checkpoint
+from pipeline.manifest import verify_checkpoint
 from train_helpers import (assert_same_weights, base_config, kill_and_resume, latest_name, losses, read_metrics,
                            start_subprocess, wait_for, weights, write_config)
 

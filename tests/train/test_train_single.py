@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 from pipeline.cli.main import main
 from pipeline.config import load_config
 from pipeline.errors import CheckpointError
-from pipeline.train import manifest
+from pipeline import manifest
 from train_helpers import (assert_same_weights, base_config, latest_name, read_metrics, train_inprocess, weights)
 from trainer_toy_stage import Regressor
 

@@ -10,8 +10,9 @@ import torch
 
 from pipeline.config import Config, DistConfig, OptimConfig, TrainConfig, load_config
 from pipeline.errors import CheckpointError, ConfigError, UsageError
-from pipeline.stages.registry import stage_class
-from pipeline.train import manifest, rng
+from pipeline.registry import stage_class
+from pipeline import manifest
+from pipeline.train import rng
 from pipeline.train.checkpoint import prune, write_latest, find_latest
 from pipeline.train.ds_config import (Precision, build_deepspeed_config, deep_merge, resolve_precision,
                                        trainer_clips_gradients)
