@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One-call GPU runbook: everything the project measures or checks only on a CUDA GPU, in one run of at most
-# ~8 minutes, every table into one folder.
+# ~10 minutes, every table into one folder.
 #
 #   bash benchmarks/gpu_check.sh                # on the GPU machine, from the repository root
 #   bash benchmarks/gpu_check.sh --dry-run      # print the plan (steps, time limits, commands) and exit
@@ -19,11 +19,13 @@
 #      ~877 M parameters) on precomputed-style random latents, with a random-weight KL-f8 autoencoder folder
 #      built from configs/autoencoder/kl_f8.yaml (only loaded, never run in the step); eager
 #      (GPU_CHECK_LATENT_COMPILE=auto compiles it too, if the budget allows)  -> train_latent256.md
+#   6. benchmarks/peers.py: the same latent U-Net's Trainer step (ZeRO-0 and ZeRO-2) next to the plain diffusers
+#      training loop, bf16  -> peers_latent256.md
 #   summary.md: the machine, one status line per step and every table above, in that order.
 #
 # Output folder: $OUT when set (the device runner's folder), else benchmarks/out/. Logs of every step: logs/.
 # Environment knobs: PYTHON (default python3, or .venv/bin/python when python3 has no torch), GPU_CHECK_BUDGET_S
-# (default 500: the whole run; a step gets at most what is left), GPU_CHECK_LATENT_COMPILE (off), WHEEL_DIR (.whl),
+# (default 580: the whole run; a step gets at most what is left), GPU_CHECK_LATENT_COMPILE (off), WHEEL_DIR (.whl),
 # SITE_DIR (/tmp/site).
 #
 # Carrying wheels: the GPU machine has no network and lacks deepspeed, diffusers, webdataset, open_clip_torch,
@@ -42,7 +44,7 @@ set -u -o pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.." || exit 2
 WHEEL_DIR=${WHEEL_DIR:-.whl}
 SITE_DIR=${SITE_DIR:-/tmp/site}
-BUDGET_S=${GPU_CHECK_BUDGET_S:-500}
+BUDGET_S=${GPU_CHECK_BUDGET_S:-580}
 LATENT_COMPILE=${GPU_CHECK_LATENT_COMPILE:-off}
 MODE=run
 case "${1:-}" in
@@ -93,6 +95,10 @@ step_plan=(
 --config configs/unet/latent256_sd2.yaml --random-autoencoder configs/autoencoder/kl_f8.yaml \
 --set model.text_source=precomputed model.latent_source=precomputed train.precision=bf16 train.compile=$LATENT_COMPILE \
 --steps 10 --warmup 3 --out $OUT_DIR/train_latent256.md"
+  "peers_latent256|80|peers_latent256.log|$PYTHON benchmarks/peers.py --only train \
+--train-config configs/unet/latent256_sd2.yaml --random-autoencoder configs/autoencoder/kl_f8.yaml \
+--set model.text_source=precomputed model.latent_source=precomputed train.precision=bf16 --batch 8 --steps 5 \
+--rounds 3 --out $OUT_DIR/peers_latent256.md"
 )
 
 if [ "$MODE" = dry ]; then
@@ -196,7 +202,7 @@ done
   echo "| step | status | seconds | output |"
   echo "|---|---|---|---|"
   cat "$STATUS"
-  for table in attention.md groupnorm_silu.md train_base64.md train_latent256.md; do
+  for table in attention.md groupnorm_silu.md train_base64.md train_latent256.md peers_latent256.md; do
     if [ -s "$OUT_DIR/$table" ]; then
       echo
       cat "$OUT_DIR/$table"

@@ -232,3 +232,25 @@ def test_gpu_check_without_a_gpu_records_that_and_exits_0(tmp_path):
     summary = (tmp_path / "summary.md").read_text(encoding="utf-8")
     assert "no CUDA device" in summary and "| step | status | seconds | output |" in summary
     assert "torch 2" in (tmp_path / "environment.txt").read_text(encoding="utf-8")
+
+
+# ------------------------------------------------------------------------------------------------- peers
+@pytest.mark.slow
+def test_peers_compares_every_cpu_section_and_states_each_goal(tmp_path):
+    """benchmarks/peers.py in a tiny setting: every CPU section prints a row with both figures, the ratio and the
+    goal; the two samplers of the sampling row run the same exported components (their ratio is near 1, not a
+    multiple). Speeds themselves are not asserted (machine load would make that flaky)."""
+    out = run_script([sys.executable, str(BENCH / "peers.py"), "--steps", "1", "--rounds", "1", "--data-samples",
+                      "48", "--data-batches", "1", "--sample-images", "2", "--sample-steps", "2", "--set",
+                      "train.micro_batch_size=4", "--out", str(tmp_path / "peers.md")], timeout=600)
+    rows = [[c.strip() for c in line.strip().strip("|").split("|")] for line in out.splitlines()
+            if line.startswith("| ") and not line.startswith("| section")]
+    sections = [row[0] for row in rows]
+    assert sections == ["train", "train", "data", "data", "sampling"], out
+    for section, case, ours, theirs, unit, ratio, goal in rows:
+        assert number(ours) > 0 and number(theirs) > 0 and ("met" in goal or "MISSED" in goal), (section, case)
+        assert number(ratio.rstrip("x")) == pytest.approx(number(ours) / number(theirs) if unit != "images per CPU-s"
+                                                          else number(theirs) / number(ours), rel=0.01)
+    assert 0.5 < number(rows[-1][5].rstrip("x")) < 2.0
+    assert "AMD" in out or "Intel" in out or "CPU" in out or "cores" in out  # the machine is named
+    assert (tmp_path / "peers.md").read_text() in out  # stdout also holds DeepSpeed's log lines
