@@ -126,3 +126,55 @@ def test_configuration_errors_are_one_clear_line(shards, tmp_path):
         train_inprocess(raw, tmp_path / "c")
     with pytest.raises(ConfigError, match="no such autoencoder"):
         load_codec(tmp_path / "nothing")
+
+
+def test_random_windows_are_uniformly_placed_sub_images_drawn_from_the_checkpointed_generator():
+    from pipeline.stages.autoencoder import random_windows
+
+    images = torch.rand(64, 3, 16, 12, dtype=torch.float64)
+    torch.manual_seed(5)
+    windows = random_windows(images, 8)
+    assert windows.shape == (64, 3, 8, 8) and windows.dtype == torch.float64
+    offsets = set()
+    for image, window in zip(images, windows):
+        found = [(y, x) for y in range(9) for x in range(5) if torch.equal(image[:, y:y + 8, x:x + 8], window)]
+        assert len(found) == 1
+        offsets.add(found[0])
+    assert len(offsets) > 20  # independent offsets per image, not one per batch
+    assert {y for y, _ in offsets} >= {0, 8} and {x for _, x in offsets} >= {0, 4}  # the borders are reachable
+    torch.manual_seed(5)
+    assert torch.equal(random_windows(images, 8), windows)  # the global generator decides: resumes draw the same
+
+
+def test_training_on_windows_shows_both_parts_windows_and_evaluates_whole_images(shards, tmp_path):
+    raw = ae_config(shards, model={"train_window": 12, "autoencoder": {"mid_attention": False}},
+                    disc_start_step=0)
+    cfg = load_config(write_config(tmp_path / "window.yaml", raw))
+    stage = AutoencoderStage(cfg, StageContext(rank=0, world_size=1, device=torch.device("cpu"),
+                                               compute_dtype=torch.float32))
+    parts = stage.build_trainable()
+    seen = []
+    parts["discriminator"].register_forward_pre_hook(lambda _, args: seen.append(tuple(args[0].shape)))
+    batch = {"image": torch.rand(4, 3, 16, 16) * 2 - 1}
+    generator = stage.training_step(parts, {}, batch, "generator")
+    assert torch.isfinite(generator.loss)
+    stage.training_step(parts, {}, batch, "discriminator")
+    # the generator's GAN term judges 4 reconstructed windows, the discriminator 4 real + 4 reconstructed windows
+    assert seen == [(4, 3, 12, 12), (8, 3, 12, 12)]
+
+    assert train_inprocess(raw, tmp_path / "run") == 0
+    evals = [r for r in read_metrics(tmp_path / "run") if "eval/psnr" in r]
+    assert [r["step"] for r in evals] == [3, 6] and 5.0 < evals[-1]["eval/psnr"] < 60.0
+    grid = Image.open(tmp_path / "run" / "samples" / "step_00000006.png")
+    assert grid.size == (2 * 16 * 2, 2 * 16)  # whole 16 px held-out images in the grid
+
+
+def test_training_window_errors_are_one_clear_line(shards, tmp_path):
+    for model, message in (({"train_window": 10}, r"model.train_window.*divisible by the downsampling factor 4"),
+                           ({"train_window": 8}, r"model.train_window.*mid_attention off"),
+                           ({"train_window": 20, "autoencoder": {"mid_attention": False}},
+                            r"model.train_window \(20\) is larger than data.resolution \(16\)"),
+                           ({"train_window": 8, "autoencoder": {"mid_attention": False}},
+                            r"model.train_window \(8\) is too small for model.discriminator.layers=2")):
+        with pytest.raises(ConfigError, match=message):
+            train_inprocess(ae_config(shards, model=model), tmp_path / str(len(message)))
