@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import multiprocessing
 import os
 import queue
@@ -30,6 +31,7 @@ from pipeline.data.tar_reader import iter_shard
 from pipeline.errors import PipelineError
 from pipeline.eval.fidelity import fidelity_sums, validate_on_real
 from pipeline.export import export_run
+from pipeline.machine import describe
 from pipeline.precompute.run import PrecomputeJob, run_precompute
 from pipeline.sampling.text2image import Text2Image, save_grid, to_pil
 from pipeline.train.entry import local_process_group, run_training
@@ -39,13 +41,15 @@ SHARD_SIZE = 1024
 CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "demo"
 STAGE_CONFIGS = {"clip": "clip", "autoencoder": "autoencoder", "prior": "prior", "unet_base": "unet_unclip",
                  "unet_sr": "unet_sr"}  # stage -> configs/demo/<name>.yaml
-# The stages form two chains that train side by side, each process on half of the cores: the autoencoder and the
-# latent SR stage (which trains on real images) need nothing from CLIP, the prior or the base stage. Measured on the
-# 2-core demo machine: the small convolutional networks gain only 1.37x (base U-Net) to 1.45x (autoencoder) from a
-# second thread, so two U-Net-sized stages at once train ~1.4x faster than one after the other; CLIP gains 2.2x but
-# is short. The whole training took 655 s this way against 740 s one stage at a time on both cores (and 680 s
-# estimated with CLIP alone first, then the two chains, which leaves them unbalanced).
-CHAINS = (("clip", "precompute", "prior", "unet_base"), ("autoencoder", "unet_sr"))
+# The stages form two chains that train side by side, each process on half of the cores. Measured on the 2-core
+# demo machine: the small convolutional networks gain only 1.37x (base U-Net) to 1.45x (autoencoder) from a second
+# thread, so two stages on one core each train ~1.4x faster than one after the other on both. The longest path is
+# CLIP -> its image embeddings -> base U-Net, so that chain holds nothing else; the prior (which needs the
+# embeddings too) trains in the other chain after the autoencoder, waiting for the precompute if it is not done yet
+# (NEEDS). With the prior in the first chain, that chain ran ~50 s longer than the second.
+CHAINS = (("clip", "precompute", "unet_base"), ("autoencoder", "prior", "unet_sr"))
+NEEDS = {"precompute": ("clip",), "prior": ("precompute",), "unet_base": ("precompute",),
+         "unet_sr": ("autoencoder",)}  # step -> the steps whose output it reads
 PROGRESS_EVERY_S = 60.0
 
 
@@ -167,19 +171,24 @@ def _log_to(path: Path) -> None:
     os.close(fd)
 
 
-def _train_chain(out: Path, size: DemoSize, chain: tuple[str, ...], threads: int, messages) -> None:
-    """One chain of CHAINS, in the process :func:`train_chains` spawned for it: each step in order, its output in
-    out/logs/<step>.log; ("done", step, seconds) or ("error", step, message) to `messages`."""
+def _train_chain(out: Path, size: DemoSize, chain: tuple[str, ...], threads: int, messages, finished: dict) -> None:
+    """One chain of CHAINS, in the process :func:`train_chains` spawned for it: each step in order, once the steps
+    it NEEDS that other chains run have set their event in `finished` (step -> multiprocessing Event); its output
+    in out/logs/<step>.log; ("done", step, seconds) or ("error", step, message) to `messages`."""
     torch.set_num_threads(threads)
     demo = Demo(out, size)
     with local_process_group():  # the chain's training runs share this process's group
         for step in chain:
+            for need in NEEDS.get(step, ()):
+                if need in finished:  # a step no chain runs this time is done already
+                    finished[need].wait()  # a failing chain gets the demo to terminate this one: no hang
             _log_to(demo.logs / f"{step}.log")
             try:
                 seconds = demo.run_step(step)
             except PipelineError as error:
                 messages.put(("error", step, str(error)))
                 sys.exit(1)
+            finished[step].set()
             messages.put(("done", step, seconds))
 
 
@@ -191,7 +200,8 @@ def train_chains(demo: Demo, chains: tuple[tuple[str, ...], ...] = CHAINS) -> No
     context = multiprocessing.get_context("spawn")
     messages = context.Queue()
     threads = max(1, len(os.sched_getaffinity(0)) // len(chains))
-    workers = [context.Process(target=_train_chain, args=(demo.out, demo.size, chain, threads, messages),
+    finished = {step: context.Event() for chain in chains for step in chain}
+    workers = [context.Process(target=_train_chain, args=(demo.out, demo.size, chain, threads, messages, finished),
                                name=f"demo-{chain[0]}") for chain in chains]
     pending = [list(chain) for chain in chains]
     each = " each, side by side" if len(chains) > 1 else ""
@@ -310,6 +320,8 @@ def sample_heldout(demo: Demo) -> dict:
     for suffix, images in (("", guided), ("_no_guidance", plain), ("_variations", variations)):
         sums = fidelity_sums(((images.float().cpu() + 1) / 2).clamp(0, 1), objects[:len(images)])
         figures.update({f"fidelity_{k}{suffix}": hits / count for k, (hits, count) in sums.items()})
+        # how many objects each figure judged: its binomial standard error is sqrt(p (1 - p) / n)
+        figures.update({f"fidelity_{k}{suffix}_n": int(count) for k, (_, count) in sums.items()})
     side = guided.shape[-1]
     reals = [image.resize((side, side), Image.BICUBIC) for _, image, _ in scenes[:16]]
     tiles = [tile for real, g, p in zip(reals, to_pil(guided[:16]), to_pil(plain[:16])) for tile in (real, g, p)]
@@ -345,15 +357,24 @@ def run_demo(out: Path, size: DemoSize = FULL) -> int:
     report["seconds_training"] = time.time() - start
     _say(f"sampling {size.prompts} held-out prompts through the bundle, guidance on and off")
     report.update(sample_heldout(demo))
-    report.update(seconds=time.time() - start, seconds_per_stage=demo.seconds, bundle=str(demo.bundle.resolve()))
+    report.update(seconds=time.time() - start, seconds_per_stage=demo.seconds, bundle=str(demo.bundle.resolve()),
+                  machine=describe(torch.device("cuda" if torch.cuda.is_available() else "cpu")))
     (out / "report.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
     print_report(report, out)
     return 0
 
 
+def binomial_se(p: float, n: int) -> float:
+    """Standard error of a fraction p of n independent yes/no judgements."""
+    return math.sqrt(p * (1 - p) / n) if n > 0 else float("nan")
+
+
 def print_report(report: dict, out: Path) -> None:
     def pct(key: str) -> str:
         return f"{100 * report[key]:.0f}%"
+
+    def pct_se(key: str) -> str:  # "84% +- 2": the figure and its binomial standard error, in points
+        return f"{pct(key):>4} +-{100 * binomial_se(report[key], report[f'{key}_n']):2.0f}"
 
     _say("what the models learned (held-out data: object combinations no model saw in training):")
     _say(f"  CLIP text->image recall@1 in pools of 64: {report['clip_t2i_recall_at_1']:.3f} (chance 0.016)")
@@ -363,15 +384,16 @@ def print_report(report: dict, out: Path) -> None:
          f"{report['baseline_cos']:.3f}; retrieval@1 in pools of 64 {report['prior_retrieval_at_1']:.2f}")
     _say(f"  prompt fidelity of {report['prompts']} sampled images (64 px, whole cascade):")
     for attribute in ("colour", "position", "size", "shape"):
-        _say(f"    {attribute:<8} guidance on {pct(f'fidelity_{attribute}'):>4}   off "
-             f"{pct(f'fidelity_{attribute}_no_guidance'):>4}")
+        _say(f"    {attribute:<8} guidance on {pct_se(f'fidelity_{attribute}')}   off "
+             f"{pct_se(f'fidelity_{attribute}_no_guidance')}")
     _say(f"  variations of {report['variations']} held-out images (their CLIP image embedding, no text) keep their "
-         f"colour in {pct('fidelity_colour_variations')}")
+         f"colour in {pct_se('fidelity_colour_variations')}")
+    _say("  (+-: the binomial standard error of each fraction, in points)")
     _say(f"  (the checker scores real held-out images {pct('checker_colour_on_real')} colour, "
          f"{pct('checker_position_on_real')} position)")
     chains = " | ".join(" -> ".join(f"{k} {report['seconds_per_stage'][k]:.0f} s" for k in chain) for chain in CHAINS)
-    _say(f"time: {report['seconds']:.0f} s: training {report['seconds_training']:.0f} s (side by side: {chains}), "
-         f"sampling {report['seconds_per_stage']['sampling']:.0f} s")
+    _say(f"time on {report['machine']}: {report['seconds']:.0f} s: training {report['seconds_training']:.0f} s "
+         f"(side by side: {chains}), sampling {report['seconds_per_stage']['sampling']:.0f} s")
     _say(f"outputs: {out / 'samples.png'} (held-out image | guided | unguided), {out / 'report.json'}, "
          f"bundle {report['bundle']}")
     _say(f"sample it yourself: python -m pipeline sample {report['bundle']} --prompt \"a large red circle on the "

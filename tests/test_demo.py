@@ -76,6 +76,10 @@ def test_demo_runs_end_to_end_resumes_and_reproduces(tmp_path):
     report = json.loads((tmp_path / "report.json").read_text())
     assert all(isinstance(report[key], (int, float)) for key in REPORT_KEYS), report
     assert Path(report["bundle"]) == (tmp_path / "bundle").resolve()
+    assert report["machine"] in out  # the time is printed beside the CPU (or GPU) it was measured on
+    # each fidelity figure carries the number of objects it judged (every prompt names at least one colour), and
+    # the report prints its binomial standard error
+    assert report["fidelity_colour_n"] >= report["prompts"] and "+-" in out
     index = json.loads((tmp_path / "bundle" / "bundle.json").read_text())
     assert set(index["components"]) == {"clip", "t5", "autoencoder", "prior", "unet_base", "unet_sr64"}
     assert index["cascade"] == ["unet_base", "unet_sr64"]
