@@ -50,3 +50,15 @@ def test_frechet_in_clip_space_near_zero_for_one_distribution_and_growing_with_d
     for series in (blurred, noised):
         assert same < series[0] < series[1] < series[2], (same, series)
         assert same < 0.25 * series[-1]
+
+
+def test_clip_space_figures_name_each_set_and_measure_against_the_reference(clip):
+    from pipeline.eval.clip_space import clip_space_figures
+
+    reference, _ = scenes(120, "train", seed=11)
+    same, same_captions = scenes(120, "train", seed=12)
+    blurred = TF.gaussian_blur(same, 5, 4.0)
+    figures = clip_space_figures(clip, reference, {"": (same, same_captions), "_blur": (blurred, same_captions)})
+    assert set(figures) == {"fd_clip", "clip_score", "fd_clip_blur", "clip_score_blur"}
+    assert 0 <= figures["fd_clip"] < figures["fd_clip_blur"]
+    assert figures["clip_score"] > figures["clip_score_blur"] > 0
