@@ -81,7 +81,8 @@ def generation_figures(shares: list[dict[str, torch.Tensor]], reference: Referen
     """{"fid", "kid", "kid_std", "clip_score", "images"} from the gathered shares (those it can compute).
 
     FID compares the generated images' Inception statistics with `reference` when given, else with the real images
-    of the same samples; KID always with those real images (it needs features, not statistics)."""
+    of the same samples; KID always with those real images (it needs features, not statistics), so it is left out
+    when the shares hold none (prompts without images)."""
     rows = _ordered(shares)
     out = {"images": float(rows["ids"].numel())}
     if "fake" in rows and rows["fake"].shape[0] >= 2:
@@ -89,9 +90,11 @@ def generation_figures(shares: list[dict[str, torch.Tensor]], reference: Referen
         if reference is not None:
             out["fid"] = frechet_distance(fake.mean(), fake.covariance(), torch.from_numpy(reference.mean),
                                           torch.from_numpy(reference.covariance))
-        else:
+        elif "real" in rows:
             out["fid"] = frechet_from_stats(FeatureStats.of(rows["real"]), fake)
-        out["kid"], out["kid_std"] = kernel_distance(rows["real"], rows["fake"], kid_subsets, kid_subset_size, seed)
+        if "real" in rows:
+            out["kid"], out["kid_std"] = kernel_distance(rows["real"], rows["fake"], kid_subsets, kid_subset_size,
+                                                         seed)
     if "scores" in rows:
         out["clip_score"] = float(rows["scores"].mean())
     return out
