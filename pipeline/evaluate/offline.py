@@ -120,6 +120,13 @@ def _rank_rows(job: EvaluateJob, t2i: Text2Image, prompts: list[str], images: li
     return shares, grids, seconds
 
 
+def _padded(values: list[float]) -> tuple[float, float]:
+    """An axis range around `values` with 10% room on each side (1 unit when they are all equal)."""
+    low, high = min(values), max(values)
+    room = 0.1 * (high - low) if high > low else 0.5 * max(1.0, abs(low))
+    return low - room, high + room
+
+
 def plot_fid_vs_clip(rows: list[dict], path: Path, size: int = 480) -> None:
     """FID (y) against CLIP score (x) per guidance scale, as a PNG drawn with PIL (no plotting library needed)."""
     points = [(r["clip_score"], r["fid"], r["guidance"]) for r in rows if "fid" in r and "clip_score" in r]
@@ -128,9 +135,8 @@ def plot_fid_vs_clip(rows: list[dict], path: Path, size: int = 480) -> None:
     image = Image.new("RGB", (size, size), "white")
     draw = ImageDraw.Draw(image)
     margin = 60
-    xs, ys = [p[0] for p in points], [p[1] for p in points]
-    x0, x1 = min(xs), max(xs) + 1e-9
-    y0, y1 = min(ys), max(ys) + 1e-9
+    x0, x1 = _padded([p[0] for p in points])
+    y0, y1 = _padded([p[1] for p in points])
 
     def at(x: float, y: float) -> tuple[float, float]:
         return (margin + (x - x0) / (x1 - x0) * (size - 2 * margin),
