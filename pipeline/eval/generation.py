@@ -45,12 +45,14 @@ class GenerationMetrics:
     real: list[torch.Tensor] = field(default_factory=list)
     scores: list[torch.Tensor] = field(default_factory=list)
 
-    def add(self, ids: list[int], generated: torch.Tensor, real: torch.Tensor, captions: list[str]) -> None:
-        """ids: B sample ids; generated, real: (B, 3, H, W) in [0, 1]; captions: the B captions generated for."""
+    def add(self, ids: list[int], generated: torch.Tensor, real: torch.Tensor | None, captions: list[str]) -> None:
+        """ids: B sample ids; generated, real: (B, 3, H, W) in [0, 1] (real None: batches without images, e.g.
+        precomputed latents; FID then needs reference statistics and KID is left out); captions: the B captions."""
         self.ids.extend(ids)
         if self.inception is not None:
             self.fake.append(self.inception(generated))
-            self.real.append(self.inception(real))
+            if real is not None:
+                self.real.append(self.inception(real))
         if self.clip is not None:
             self.scores.append(clip_scores(clip_image_features(self.clip, generated),
                                            clip_text_features(self.clip, captions)))

@@ -286,7 +286,8 @@ class UNetStage(Stage):
         ids = [sample_id(key) for key in batch["key"]]
         guidance = self.cfg.eval.guidance or self.mcfg.sampling.guidance
         images = self._sample_for(unet, frozen, batch, guidance, seed=self.cfg.train.seed, image_indices=ids)
-        quality.add(ids, _unit(images), _unit(batch["image"]), list(batch["caption"]))
+        real = _unit(batch["image"]) if "image" in batch else None
+        quality.add(ids, _unit(images), real, list(batch["caption"]))
 
     def _quality_sums(self, quality: GenerationMetrics, seconds: float) -> dict[str, tuple[float, float]]:
         """Every rank's rows gathered; rank 0 reports the figures (other ranks nothing, so means stay exact)."""
