@@ -92,7 +92,8 @@ def load_inception(path: str | Path, key: str = "eval.inception_weights") -> Inc
         raise ConfigError(f"{key}: {path} is not a PyTorch weights file ({type(exc).__name__}); it must be "
                           f"{WEIGHTS_HELP}") from None
     try:
-        network = FeatureExtractorInceptionV3("inception-v3-compat", [FEATURE], feature_extractor_weights_path=str(path))
+        network = FeatureExtractorInceptionV3("inception-v3-compat", [FEATURE],
+                                              feature_extractor_weights_path=str(path))
     except (RuntimeError, KeyError, AttributeError, TypeError) as exc:  # strict load_state_dict: wrong keys/shapes
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ConfigError(f"{key}: {path} does not hold TF-Inception-v3 weights ({first}); it must be "

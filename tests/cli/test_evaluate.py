@@ -58,3 +58,29 @@ def test_prompt_file_without_images_gives_clip_score_only(setup, tmp_path, capsy
     code = main(["evaluate", str(bundle), "--prompts", str(prompts), "--num-images", "2", "--out", str(out),
                  "--fid-stats", "x.npz"])
     assert code == 2 and "--inception-weights" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_two_ranks_write_the_report_of_one(setup, shards, tmp_path):
+    import subprocess
+    import sys
+
+    from train_helpers import REPO, subprocess_env
+
+    bundle, weights, clip = setup
+    found = []
+    for nproc in (1, 2):
+        launcher = [sys.executable] if nproc == 1 else [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                                                         f"--nproc_per_node={nproc}"]
+        out = tmp_path / f"eval{nproc}"
+        done = subprocess.run([*launcher, "-m", "pipeline", "evaluate", str(bundle), "--prompts",
+                               str(shards / "heldout"), "--num-images", "3", "--guidance", "2", "--out", str(out),
+                               "--inception-weights", str(weights), "--clip", str(clip), "--steps", "2",
+                               "--batch-size", "1", "--kid-subsets", "2"],
+                              cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-3000:]
+        found.append(json.loads((out / "report.json").read_text())["rows"][0])
+    one, two = found
+    assert one["images"] == two["images"] == 3 and one["fid"] > 0.1
+    for key in ("fid", "kid", "clip_score"):
+        assert two[key] == pytest.approx(one[key], rel=1e-6, abs=1e-12), key
