@@ -20,7 +20,8 @@ def _random_orthogonal(dim: int, generator: torch.Generator) -> torch.Tensor:
 
 
 def test_equals_closed_form_for_gaussians_sharing_eigenvectors():
-    # cov1 = Q diag(a) Q^T, cov2 = Q diag(b) Q^T commute, so Tr(cov1 + cov2 - 2 (cov1 cov2)^1/2) = sum (sqrt a - sqrt b)^2
+    # cov1 = Q diag(a) Q^T and cov2 = Q diag(b) Q^T commute:
+    # Tr(cov1 + cov2 - 2 (cov1 cov2)^1/2) = sum (sqrt a - sqrt b)^2
     g = torch.Generator().manual_seed(int(torch.randint(0, 2**31, (1,))))
     dim = 24
     q = _random_orthogonal(dim, g)
