@@ -140,11 +140,33 @@ class EvalConfig:
     every_steps: int = doc(0, "Optimizer steps between evaluations (and one at the end); 0 disables.")
     max_samples: int = doc(1024, "Held-out samples used per evaluation (per run, not per rank).")
     batch_size: int = doc(64, "Samples per evaluation batch (the retrieval pool size for CLIP recall@k).")
+    num_images: int = doc(0, "Generative stages: images generated per evaluation for eval/fid, eval/kid and "
+                             "eval/clip_score, one per held-out caption (the first of data.eval_urls, fixed seeds), "
+                             "split over the ranks; rounded down to a multiple of the rank count; 0 = off.")
+    guidance: float = doc(0.0, "Guidance scale of those images (0 = the stage's model.sampling.guidance).")
+    inception_weights: str = doc("", "torch-fidelity's TF-Inception weights file "
+                                     "(weights-inception-2015-12-05-6726825d.pth) for eval/fid and eval/kid; '' = no "
+                                     "FID/KID.")
+    fid_stats: str = doc("", "Reference statistics from `python -m pipeline eval-stats` that eval/fid compares with; "
+                             "'' = the Inception features of the same held-out images as the captions.")
+    clip: str = doc("", "An open_clip folder (open_clip_config.json + weights, e.g. BUNDLE/clip) for "
+                        "eval/clip_score; '' = no CLIP score.")
+    kid_subsets: int = doc(100, "Random subsets the KID is averaged over.")
+    kid_subset_size: int = doc(1000, "Samples per KID subset (capped at the number of images).")
 
     def __post_init__(self) -> None:
         check(self.every_steps >= 0, "eval.every_steps", f"must be >= 0, got {self.every_steps}")
         check(self.max_samples > 0, "eval.max_samples", f"must be > 0, got {self.max_samples}")
         check(self.batch_size > 0, "eval.batch_size", f"must be > 0, got {self.batch_size}")
+        check(self.num_images >= 0 and self.guidance >= 0, "eval.num_images", "num_images and guidance must be >= 0")
+        check(self.num_images <= self.max_samples, "eval.num_images",
+              f"({self.num_images}) must be <= eval.max_samples ({self.max_samples}): one held-out caption each")
+        check(self.num_images == 0 or bool(self.inception_weights or self.clip), "eval.num_images",
+              "is set but neither eval.inception_weights (FID/KID) nor eval.clip (CLIP score) is: nothing to measure")
+        check(not self.fid_stats or bool(self.inception_weights), "eval.fid_stats",
+              "needs eval.inception_weights (the statistics are Inception features)")
+        check(self.kid_subsets > 0 and self.kid_subset_size > 1, "eval.kid_subsets",
+              "kid_subsets must be > 0 and kid_subset_size > 1")
 
 
 @dataclass(frozen=True)

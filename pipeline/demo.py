@@ -29,11 +29,13 @@ from pipeline.config import Config, load_config
 from pipeline.data.synthetic import HELDOUT_TUPLES, TRAIN_TUPLES, SceneObject, write_synthetic_shards
 from pipeline.data.tar_reader import iter_shard
 from pipeline.errors import PipelineError
+from pipeline.eval.clip_space import clip_space_figures
 from pipeline.eval.fidelity import fidelity_sums, validate_on_real
 from pipeline.export import export_run
 from pipeline.machine import describe
+from pipeline.models.frozen_clip import FrozenClip
 from pipeline.precompute.run import PrecomputeJob, run_precompute
-from pipeline.sampling.text2image import Text2Image, save_grid, to_pil
+from pipeline.sampling.text2image import Text2Image, save_grid, to_pil, to_tensor
 from pipeline.train.entry import local_process_group, run_training
 
 RESOLUTION = 64
@@ -318,7 +320,7 @@ def sample_heldout(demo: Demo) -> dict:
     figures = {}
     objects = [objects for _, _, objects in scenes]
     for suffix, images in (("", guided), ("_no_guidance", plain), ("_variations", variations)):
-        sums = fidelity_sums(((images.float().cpu() + 1) / 2).clamp(0, 1), objects[:len(images)])
+        sums = fidelity_sums(_unit(images), objects[:len(images)])
         figures.update({f"fidelity_{k}{suffix}": hits / count for k, (hits, count) in sums.items()})
         # how many objects each figure judged: its binomial standard error is sqrt(p (1 - p) / n)
         figures.update({f"fidelity_{k}{suffix}_n": int(count) for k, (_, count) in sums.items()})
@@ -332,8 +334,28 @@ def sample_heldout(demo: Demo) -> dict:
     (demo.out / "samples" / "prompts.json").write_text(json.dumps({"prompts": prompts, "seed": 0,
                                                                    "steps": demo.size.sample_steps}, indent=1))
     checker = validate_on_real(256, side)
+    figures.update(clip_space(demo, scenes, guided, plain))
     return {**figures, "checker_colour_on_real": checker["colour"], "checker_position_on_real": checker["position"],
             "prompts": len(prompts), "variations": len(variations)}
+
+
+def _unit(images: torch.Tensor) -> torch.Tensor:
+    """(N, 3, H, W) in [-1, 1] (the sampler's range) -> [0, 1] on the CPU."""
+    return ((images.float().cpu() + 1) / 2).clamp(0, 1)
+
+
+def clip_space(demo: Demo, scenes: list, guided: torch.Tensor, plain: torch.Tensor) -> dict[str, float]:
+    """Frechet distance in the demo CLIP's image-feature space to as many training images (no Inception weights
+    here: never called FID) and CLIP score, for guided and unguided samples and the real held-out images (the
+    floor: held-out scenes are object combinations the training images never show)."""
+    side = guided.shape[-1]
+    train = heldout_prompts(demo.train_dir, len(scenes))
+    real = _unit(torch.stack([to_tensor(image, side) for _, image, _ in scenes]))
+    reference = _unit(torch.stack([to_tensor(image, side) for _, image, _ in train]))
+    prompts = [caption for caption, _, _ in scenes]
+    clip = FrozenClip.load(demo.bundle / "clip", "bundle clip")
+    return clip_space_figures(clip, reference, {"": (_unit(guided), prompts),
+                                                "_no_guidance": (_unit(plain), prompts), "_real": (real, prompts)})
 
 
 def run_demo(out: Path, size: DemoSize = FULL) -> int:
@@ -391,6 +413,11 @@ def print_report(report: dict, out: Path) -> None:
     _say("  (+-: the binomial standard error of each fraction, in points)")
     _say(f"  (the checker scores real held-out images {pct('checker_colour_on_real')} colour, "
          f"{pct('checker_position_on_real')} position)")
+    _say(f"  Frechet distance in the demo CLIP's image space to training images (not an FID): guided "
+         f"{report['fd_clip']:.3f}, unguided {report['fd_clip_no_guidance']:.3f}, real held-out images "
+         f"{report['fd_clip_real']:.3f} (the floor)")
+    _say(f"  CLIP score against the prompts: guided {report['clip_score']:.1f}, unguided "
+         f"{report['clip_score_no_guidance']:.1f}, real held-out images {report['clip_score_real']:.1f}")
     chains = " | ".join(" -> ".join(f"{k} {report['seconds_per_stage'][k]:.0f} s" for k in chain) for chain in CHAINS)
     _say(f"time on {report['machine']}: {report['seconds']:.0f} s: training {report['seconds_training']:.0f} s "
          f"(side by side: {chains}), sampling {report['seconds_per_stage']['sampling']:.0f} s")

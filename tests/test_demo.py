@@ -35,7 +35,8 @@ SMOKE = DemoSize(
                     "model.sampling.sampler.steps=4", *QUIET),
     })
 REPORT_KEYS = ("seconds", "clip_t2i_recall_at_1", "autoencoder_psnr", "prior_cos", "baseline_cos", "fidelity_colour",
-               "fidelity_colour_no_guidance", "fidelity_position")
+               "fidelity_colour_no_guidance", "fidelity_position", "fd_clip", "fd_clip_no_guidance", "fd_clip_real",
+               "clip_score", "clip_score_no_guidance", "clip_score_real")
 REPO = Path(__file__).resolve().parents[1]
 RESAMPLE = """
 import json, sys
@@ -71,7 +72,8 @@ def run_smoke_demo(out: Path) -> str:
 @pytest.mark.slow
 def test_demo_runs_end_to_end_resumes_and_reproduces(tmp_path):
     out = run_smoke_demo(tmp_path)
-    for text in ("CLIP text->image recall@1", "autoencoder PSNR", "prior: cosine", "prompt fidelity", "guidance on"):
+    for text in ("CLIP text->image recall@1", "autoencoder PSNR", "prior: cosine", "prompt fidelity", "guidance on",
+                 "Frechet distance in the demo CLIP's image space", "CLIP score against the prompts"):
         assert text in out
     report = json.loads((tmp_path / "report.json").read_text())
     assert all(isinstance(report[key], (int, float)) for key in REPORT_KEYS), report

@@ -3,7 +3,7 @@
 Exit codes: 0 success, 2 usage or configuration errors, 1 any other failure. Errors print as one line
 (``error: ...``) unless ``--debug`` is given, which re-raises with the full traceback.
 
-Building the parser imports every subcommand module; the heavy ones (train, export, sample, demo) import what they
+Building the parser imports every subcommand module; the heavy ones (train, export, sample, demo, eval-stats, evaluate) import what they
 run only inside their handler, so ``--help`` and a mistyped command answer at once instead of after importing
 DeepSpeed, diffusers and every stage.
 """
@@ -14,10 +14,10 @@ import os
 import sys
 from collections.abc import Sequence
 
-from pipeline.cli import demo, export, sample, shards, train
+from pipeline.cli import demo, eval_stats, evaluate, export, sample, shards, train
 from pipeline.errors import PipelineError
 
-SUBCOMMANDS = (shards, train, export, sample, demo)
+SUBCOMMANDS = (shards, train, export, sample, demo, eval_stats, evaluate)
 
 
 def build_parser() -> argparse.ArgumentParser:

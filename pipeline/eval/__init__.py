@@ -1,1 +1,2 @@
-"""Evaluation metrics (retrieval recall, later: generation quality checks)."""
+"""Evaluation metrics: retrieval recall, attribute probes, reconstruction, prompt fidelity, and generation quality
+(Frechet distance / FID, KID, CLIP score, the TF-Inception feature extractor)."""

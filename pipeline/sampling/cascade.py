@@ -89,9 +89,14 @@ def image_seed(seed: int, level_index: int, image: int) -> int:
     return int.from_bytes(digest[:8], "little") >> 1
 
 
-def generators(seed: int, level_index: int, count: int, device: torch.device) -> list[torch.Generator]:
-    """One generator per image, seeded from (seed, cascade level, image index) only (see the module docstring)."""
-    return [torch.Generator(device=device).manual_seed(image_seed(seed, level_index, i)) for i in range(count)]
+def generators(seed: int, level_index: int, count: int, device: torch.device,
+               image_indices: Sequence[int] | None = None) -> list[torch.Generator]:
+    """One generator per image, seeded from (seed, cascade level, image index) only (see the module docstring);
+    image_indices: the images' indices (default 0 .. count - 1)."""
+    indices = range(count) if image_indices is None else image_indices
+    if len(indices) != count:
+        raise ValueError(f"{len(indices)} image indices for {count} images")
+    return [torch.Generator(device=device).manual_seed(image_seed(seed, level_index, i)) for i in indices]
 
 
 def _noise(shape: tuple[int, ...], gens: Sequence[torch.Generator], device: torch.device) -> torch.Tensor:
@@ -121,18 +126,20 @@ def _threshold(level: CascadeLevel, settings: SamplingConfig) -> Callable[[torch
 def sample_level(level: CascadeLevel, inputs: dict[str, torch.Tensor], *, settings: SamplingConfig | None = None,
                  seed: int = 0, level_index: int = 0, progress: Progress | None = None,
                  drop_keys: tuple[str, ...] = ("text", "image_embed"), init: torch.Tensor | None = None,
-                 strength: float = 1.0) -> torch.Tensor:
+                 strength: float = 1.0, image_indices: Sequence[int] | None = None) -> torch.Tensor:
     """Images (B, 3, R, R) in [-1, 1] from one cascade level.
 
     inputs: the conditioning of :func:`pipeline.models.unet.unet_forward` ("text", "mask", and "image_embed" when
     the level uses one) plus, for a super-resolution level, "images": the previous level's output (B, 3, r, r) in
     [-1, 1], which is noise-augmented at the level's sample_noise_level here. Guidance drops `drop_keys`.
     init: the level's own grid (B, C, H, W) to start from (SDEdit image-to-image, see sample_loop) at `strength`.
+    image_indices: each image's index in the seed's sequence (default 0 .. B-1); evaluation numbers images by their
+    held-out sample, so an image does not depend on which rank or batch draws it.
     """
     settings = settings or level.defaults
     device = inputs["text"].device
     batch = inputs["text"].shape[0]
-    gens = generators(seed, level_index, batch, device)
+    gens = generators(seed, level_index, batch, device, image_indices)
     cond = {k: v for k, v in inputs.items() if k != "images"}
     if level.low_res:
         if "images" not in inputs:

@@ -12,6 +12,7 @@ the held-out captions with and without guidance (synthetic-style captions only; 
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 
@@ -29,6 +30,8 @@ from pipeline.diffusion.samplers import make_scheduler, scheduler_config
 from pipeline.diffusion.schedules import NoiseSchedule, build_schedule
 from pipeline.errors import ConfigError, PipelineError
 from pipeline.eval.fidelity import fidelity_sums
+from pipeline.eval.frechet import load_reference_stats
+from pipeline.eval.generation import GenerationMetrics, generation_figures, quality_models, sample_id
 from pipeline.models.diffusers_attention import install_attention
 from pipeline.models.fused_norm import install_fused_norm
 from pipeline.models.unet import Conditioning, build_unet, null_condition, unet_forward
@@ -90,6 +93,7 @@ class UNetStage(Stage):
                                   f"a whole latent side divisible by 2^{levels - 1}")
             self.grid = (channels, self.resolution // factor, self.resolution // factor)
         self.t5_dim: int | None = None  # known once the T5 (or the first precomputed batch) is seen
+        self._quality: tuple | None = None  # eval.num_images: (Inception, CLIP), loaded at the first evaluation
 
     # ------------------------------------------------------------------------------------------ build
     def sample_spec(self) -> SampleSpec:
@@ -110,6 +114,9 @@ class UNetStage(Stage):
             paths["model.image_embed.clip"] = self.mcfg.image_embed.clip
         if self.mcfg.space == "latent":
             paths["model.autoencoder"] = self.mcfg.autoencoder
+        if self.cfg.eval.num_images:
+            paths.update({f"eval.{k}": v for k in ("inception_weights", "fid_stats", "clip")
+                          if (v := getattr(self.cfg.eval, k))})
         return paths
 
     def conditioning(self, text_dim: int) -> Conditioning:
@@ -216,7 +223,7 @@ class UNetStage(Stage):
                             sample_noise_level=sr.sample_noise_level, decode=decode)
 
     def _sample_for(self, unet: nn.Module, frozen: Mapping[str, nn.Module], batch: dict, guidance: float,
-                    seed: int) -> torch.Tensor:
+                    seed: int, image_indices: list[int] | None = None) -> torch.Tensor:
         """Images (B, 3, R, R) in [-1, 1] for the batch's captions (and low-res images for super-resolution)."""
         inputs = {k: v for k, v in self._inputs(frozen, batch, train=False).items() if k not in ("low_res", "level")}
         if self.mcfg.super_res.low_res:
@@ -225,7 +232,8 @@ class UNetStage(Stage):
                                   guidance_rescale=self.mcfg.sampling.guidance_rescale,
                                   dynamic_threshold=self.mcfg.sampling.dynamic_threshold)
         decode = frozen["autoencoder"].decode if self.mcfg.space == "latent" else None
-        return sample_level(self.sampler(unet, decode=decode), inputs, settings=settings, seed=seed)
+        return sample_level(self.sampler(unet, decode=decode), inputs, settings=settings, seed=seed,
+                            image_indices=image_indices)
 
     def sample_images(self, models: Mapping[str, nn.Module], frozen: Mapping[str, nn.Module], seed: int,
                       batch: dict | None = None) -> torch.Tensor | None:
@@ -246,13 +254,59 @@ class UNetStage(Stage):
         unet = models["unet"]
         sums = MetricSums()
         prompts_left = self.mcfg.eval_prompts // max(1, self.ctx.world_size)
+        images_left = self.cfg.eval.num_images // max(1, self.ctx.world_size)  # equal shares: ranks in lockstep
+        quality = GenerationMetrics(*self._quality_models()) if images_left else None
+        seconds = 0.0
         for index, batch in enumerate(batches):
             sums.merge(self._bucket_losses(unet, frozen, batch, index))
             if prompts_left > 0:
                 head = _head(batch, prompts_left)
                 prompts_left -= len(head["caption"])
                 self._fidelity(unet, frozen, head, index, sums)
+            if quality is not None and images_left > 0:
+                start, head = time.perf_counter(), _head(batch, images_left)
+                images_left -= len(head["caption"])
+                self._generate_for_metrics(unet, frozen, head, quality)
+                seconds += time.perf_counter() - start
+        if quality is not None:
+            sums.merge(self._quality_sums(quality, seconds))
         return sums.sums()
+
+    # Generation metrics (eval.num_images): FID/KID (Inception) and CLIP score of images for held-out captions.
+    def _quality_models(self) -> tuple:
+        """(Inception extractor or None, CLIP or None), loaded on first use and kept (never cast like frozen
+        helpers: fp32 on this rank's device)."""
+        if self._quality is None:
+            self._quality = quality_models(self.cfg.eval, self.ctx.device)
+        return self._quality
+
+    def _generate_for_metrics(self, unet: nn.Module, frozen: Mapping[str, nn.Module], batch: dict,
+                              quality: GenerationMetrics) -> None:
+        """Images for the batch's captions, each seeded by its sample (not its rank or batch position)."""
+        ids = [sample_id(key) for key in batch["key"]]
+        guidance = self.cfg.eval.guidance or self.mcfg.sampling.guidance
+        images = self._sample_for(unet, frozen, batch, guidance, seed=self.cfg.train.seed, image_indices=ids)
+        real = _unit(batch["image"]) if "image" in batch else None
+        quality.add(ids, _unit(images), real, list(batch["caption"]))
+
+    def _quality_sums(self, quality: GenerationMetrics, seconds: float) -> dict[str, tuple[float, float]]:
+        """Every rank's rows gathered; rank 0 reports the figures (other ranks nothing, so means stay exact)."""
+        share = quality.share()
+        shares = [share]
+        if self.ctx.world_size > 1:
+            import torch.distributed as tdist
+
+            shares = [None] * self.ctx.world_size
+            tdist.all_gather_object(shares, share)
+        if self.ctx.rank != 0:
+            return {}
+        ecfg = self.cfg.eval
+        inception = self._quality_models()[0]
+        reference = load_reference_stats(ecfg.fid_stats, inception.digest, self.resolution) if ecfg.fid_stats \
+            else None
+        figures = generation_figures(shares, reference, ecfg.kid_subsets, ecfg.kid_subset_size, self.cfg.train.seed)
+        figures.update(guidance=ecfg.guidance or self.mcfg.sampling.guidance, generation_seconds=seconds)
+        return {key: (value, 1.0) for key, value in figures.items()}
 
     def _fidelity(self, unet: nn.Module, frozen: Mapping[str, nn.Module], batch: dict, seed: int,
                   sums: MetricSums) -> None:
@@ -342,6 +396,11 @@ def autoencoder_digest(path: str) -> str:
         return ""  # a run dir: the bundle check then relies on the autoencoder exported from that run
     files = describe_files(folder)
     return next((entry["sha256"] for name, entry in sorted(files.items()) if name.endswith(".safetensors")), "")
+
+
+def _unit(images: torch.Tensor) -> torch.Tensor:
+    """(B, 3, H, W) in [-1, 1] -> [0, 1] float on the CPU."""
+    return ((images.float().cpu() + 1.0) / 2.0).clamp(0.0, 1.0)
 
 
 def _head(batch: dict, n: int) -> dict:

@@ -33,6 +33,8 @@ LAZY = {
     ("pipeline.cli.export", "pipeline.export"): "start-up time",
     ("pipeline.cli.sample", "pipeline.sampling.text2image"): "start-up time",
     ("pipeline.cli.demo", "pipeline.demo"): "start-up time",
+    ("pipeline.cli.eval_stats", "pipeline.evaluate.stats"): "start-up time",
+    ("pipeline.cli.evaluate", "pipeline.evaluate.offline"): "start-up time",
 }
 
 

@@ -17,7 +17,7 @@ def run_cli(*args: str) -> subprocess.CompletedProcess:
                           timeout=300)
 
 
-@pytest.mark.parametrize("command", ["shards", "train", "export", "sample", "demo"])
+@pytest.mark.parametrize("command", ["shards", "train", "export", "sample", "demo", "eval-stats", "evaluate"])
 def test_every_subcommand_has_help(command, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main([command, "--help"])
