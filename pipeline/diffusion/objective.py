@@ -19,7 +19,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from pipeline.diffusion.schedules import DiffusionConfig, NoiseSchedule, check_range
+from pipeline.diffusion.schedules import DiffusionConfig, Schedule, check_range
 
 Predict = Callable[[Tensor, Tensor], Tensor]
 
@@ -27,7 +27,7 @@ Predict = Callable[[Tensor, Tensor], Tensor]
 
 class LossOutput(NamedTuple):
     """loss: scalar, mean over the batch of weight * per_sample; per_sample: (B,) unweighted MSE (float32);
-    t: (B,) int64 timesteps drawn."""
+    t: (B,) timesteps drawn (int64 for VP, float64 in [0, T] for flow)."""
 
     loss: Tensor
     per_sample: Tensor
@@ -50,23 +50,24 @@ def stratified_timesteps(batch: int, num_timesteps: int, device: torch.device | 
     return (slices * num_timesteps).long().clamp(max=num_timesteps - 1).to(device)
 
 
-def diffusion_loss(predict: Predict, x0: Tensor, schedule: NoiseSchedule, cfg: DiffusionConfig,
+def diffusion_loss(predict: Predict, x0: Tensor, schedule: Schedule, cfg: DiffusionConfig,
                    generator: torch.Generator | None = None, t: Tensor | None = None) -> LossOutput:
-    """Weighted MSE between predict(x_t, t) and the `cfg.target` of (x0, eps), t ~ U{0..T-1}, eps ~ N(0, I).
+    """Weighted MSE between predict(x_t, t) and the `cfg.target` of (x0, eps), eps ~ N(0, I), t from the
+    schedule's training density (VP: uniform over 0..T-1; flow: the shifted density of model.diffusion.flow).
 
-    predict(x_t (B, ...) in x0's dtype, t (B,) int64) -> (B, ...). The MSE is taken in float32 (or wider): a bf16
+    predict(x_t (B, ...) in x0's dtype, t (B,) int64 (VP) or float64 in [0, T] (flow)) -> (B, ...). The MSE is taken in float32 (or wider): a bf16
     difference of two nearly equal predictions would be mostly rounding error. `t` (B,) int64: use these timesteps
     instead of drawing them (e.g. :func:`stratified_timesteps` for a held-out loss).
     """
     batch, device = x0.shape[0], x0.device
     draw_on = _generator_device(generator, device)
     if t is None:
-        t = torch.randint(0, schedule.num_timesteps, (batch,), generator=generator, device=draw_on).to(device)
+        t = schedule.sample_timesteps(batch, generator, device)
     eps_dtype = torch.promote_types(x0.dtype, torch.float32)
     eps = torch.randn(x0.shape, generator=generator, device=draw_on, dtype=eps_dtype).to(device)
     x_t = schedule.add_noise(x0, eps, t)
     target = schedule.target(x0, eps, t, cfg.target)
-    out = predict(x_t, t)
+    out = predict(x_t, t.float() if t.is_floating_point() else t)  # flow: float64 draws, float32 like sampling
     if out.shape != x0.shape:
         raise ValueError(f"the network returned shape {tuple(out.shape)} for inputs of shape {tuple(x0.shape)}")
     err = (out.to(target.dtype) - target) ** 2
@@ -85,11 +86,12 @@ def cfg_drop(batch_size: int, prob: float, device: torch.device | str,
     return (u < prob).to(device)  # rand is in [0, 1): prob 0 never drops, prob 1 always does
 
 
-def noise_augment(low_res: Tensor, level: Tensor, schedule: NoiseSchedule,
+def noise_augment(low_res: Tensor, level: Tensor, schedule: Schedule,
                   generator: torch.Generator | None = None) -> Tensor:
-    """Imagen's noise-conditioning augmentation: low_res (B, ...) noised to timestep level * (T-1) (fractional).
+    """Imagen's noise-conditioning augmentation: low_res (B, ...) noised to the timestep of `level`.
 
-    z = sqrt(abar) x + sqrt(1 - abar) eps with the stage's own forward process, so level 0 is (almost) clean and
+    The stage's own forward process at ``schedule.level_timestep(level)``: VP z = sqrt(abar) x + sqrt(1 - abar) eps
+    at timestep level * (T-1) (fractional), flow z = (1 - level) x + level eps; so level 0 is (almost) clean and
     level 1 is (almost) pure noise. The super-resolution U-Net learns to ignore artefacts of the base stage's
     output that look like this noise. Returns low_res's dtype.
     """
@@ -100,7 +102,7 @@ def noise_augment(low_res: Tensor, level: Tensor, schedule: NoiseSchedule,
     eps_dtype = torch.promote_types(low_res.dtype, torch.float32)
     eps = torch.randn(low_res.shape, generator=generator, device=_generator_device(generator, low_res.device),
                       dtype=eps_dtype).to(low_res.device)
-    return schedule.add_noise(low_res, eps, level.to(torch.float64) * (schedule.num_timesteps - 1))
+    return schedule.add_noise(low_res, eps, schedule.level_timestep(level))
 
 
 def random_levels(batch: int, max_level: float, device: torch.device | str,

@@ -26,7 +26,7 @@ from pipeline.data.spec import SampleSpec
 from pipeline.data.synthetic import parse_caption
 from pipeline.diffusion.objective import cfg_drop, diffusion_loss, random_levels, stratified_timesteps
 from pipeline.diffusion.samplers import make_scheduler, scheduler_config
-from pipeline.diffusion.schedules import NoiseSchedule, build_schedule
+from pipeline.diffusion.schedules import Schedule, build_schedule
 from pipeline.errors import ConfigError, PipelineError
 from pipeline.eval.fidelity import fidelity_sums
 from pipeline.models.diffusers_attention import install_attention
@@ -80,7 +80,7 @@ class UNetStage(Stage):
         if sr.low_res and not sr.low_res < self.resolution:
             raise ConfigError(f"model.super_res.low_res ({sr.low_res}) must be smaller than data.resolution "
                               f"({self.resolution}): a super-resolution stage upsamples")
-        self.schedule: NoiseSchedule = build_schedule(self.mcfg.diffusion, self.resolution)
+        self.schedule: Schedule = build_schedule(self.mcfg.diffusion, self.resolution)
         make_scheduler(self.schedule, self.mcfg.sampling.sampler)  # sampler settings that cannot work fail now
         self.grid = (3, self.resolution, self.resolution)
         if self.mcfg.space == "latent" and Path(self.mcfg.autoencoder).exists():  # missing: input_paths says so
