@@ -69,6 +69,9 @@ class DiffusionConfig:
                    "`target` (for flow: on the velocity), or 'cosmap' (SD3's cosine-map weight; flow only).")
     min_snr_gamma: float = doc(5.0, "gamma of min-SNR weighting: the signal-to-noise ratio above which timesteps "
                                     "stop gaining weight (unitless).")
+    offset_noise: float = doc(0.0, "Offset noise (Guttenberg 2023): std of a constant per sample and channel added "
+                                   "to the training noise, so the model learns to change an image's mean (very "
+                                   "dark or bright images); 0 = off, 0.05-0.1 usual (unitless, data units).")
     flow: FlowConfig = doc(FlowConfig(), "Flow matching (objective: flow): training timestep density and shift.")
 
     def __post_init__(self) -> None:
@@ -86,6 +89,7 @@ class DiffusionConfig:
         check(self.min_snr_gamma > 0, "model.diffusion.min_snr_gamma", f"must be > 0, got {self.min_snr_gamma}")
         check(not (self.zero_terminal_snr and self.target == "eps"), "model.diffusion.zero_terminal_snr",
               "needs model.diffusion.target v or x0: at zero terminal SNR an eps prediction says nothing about x0")
+        check(self.offset_noise >= 0, "model.diffusion.offset_noise", f"must be >= 0, got {self.offset_noise}")
         check(self.objective in OBJECTIVES, "model.diffusion.objective",
               f"must be one of {', '.join(OBJECTIVES)}, got {self.objective!r}")
         if self.objective == "flow":
