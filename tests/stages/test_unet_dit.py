@@ -4,35 +4,15 @@ FlowMatchEulerDiscreteScheduler config) that the stock classes load, and samples
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
-import yaml
 
 from pipeline.export import export_run
 from train_helpers import read_metrics, train_inprocess
-
-REPO = Path(__file__).resolve().parents[2]
+from unet_helpers import dit_demo_config
 
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
-
-
-def dit_demo_config(shards: Path, *, super_res: bool = False) -> dict:
-    """configs/demo/dit_flow.yaml as shipped, with the test's shards and a 6-step schedule (eval/grid at 3)."""
-    raw = yaml.safe_load((REPO / "configs" / "demo" / "dit_flow.yaml").read_text(encoding="utf-8"))
-    raw["data"].update(urls=str(shards / "train"), eval_urls=str(shards / "heldout"), num_workers=0,
-                       shuffle_buffer=16)
-    raw["train"] = {"max_steps": 6, "micro_batch_size": 4, "log_every": 1, "sample_every": 3, "ema_decay": 0.9,
-                    "seed": 0}
-    raw["eval"] = {"every_steps": 3, "max_samples": 8, "batch_size": 4}
-    raw["ckpt"] = {"every_steps": 3, "keep_last": 0}
-    raw["log"] = {"tensorboard": False, "progress_bar": False}
-    raw["model"].update(eval_prompts=4, grid_images=4)
-    raw["model"]["sampling"]["sampler"]["steps"] = 4
-    if super_res:
-        raw["model"].update(name="sr16", super_res={"low_res": 8, "level_embed_dim": 8})
-    return raw
 
 
 @pytest.mark.parametrize("super_res", [False, True], ids=["base", "super_res"])
