@@ -105,8 +105,10 @@ class UNetStage(Stage):
         if self.mcfg.space == "latent" and self.mcfg.latent_source == "precomputed":
             arrays = (*arrays, "latent")
         if self.mcfg.text_source == "precomputed":
-            return SampleSpec(image_size=self.resolution, precomputed=("t5_emb", "t5_mask", *arrays))
-        return SampleSpec(image_size=self.resolution, tokenize=T5Tokenize(t5.path, t5.max_length), precomputed=arrays)
+            return SampleSpec(image_size=self.resolution, precomputed=("t5_emb", "t5_mask", *arrays),
+                              loss_mask=self.mcfg.loss_mask)
+        return SampleSpec(image_size=self.resolution, tokenize=T5Tokenize(t5.path, t5.max_length), precomputed=arrays,
+                          loss_mask=self.mcfg.loss_mask)
 
     def input_paths(self) -> dict[str, str]:
         paths = {}
@@ -217,8 +219,16 @@ class UNetStage(Stage):
         inputs = guidance_dropout(inputs, self.mcfg, self.ctx.device)
         cond = self.conditioning(inputs["text"].shape[-1])
         out = diffusion_loss(lambda x_t, t: unet_forward(unet, cond, x_t, t, inputs), x0, self.schedule,
-                             self.mcfg.diffusion)
+                             self.mcfg.diffusion, weights=self._loss_weights(batch, x0))
         return StepOutput(out.loss, {"mse": out.per_sample.detach().mean()})
+
+    def _loss_weights(self, batch: dict, x0: torch.Tensor) -> torch.Tensor | None:
+        """Per-pixel loss weights (B, 1, h, w) in [0, 1] on x0's grid from the batch's loss masks (model.loss_mask;
+        area-averaged onto a latent grid), or None."""
+        if not self.mcfg.loss_mask:
+            return None
+        mask = batch["loss_mask"].to(x0.device, non_blocking=True).to(torch.float32) / 255.0
+        return mask if mask.shape[-2:] == x0.shape[-2:] else F.interpolate(mask, size=x0.shape[-2:], mode="area")
 
     # ---------------------------------------------------------------------------------------- sample
     def sampler(self, unet: nn.Module | None, settings: SamplingConfig | None = None,

@@ -84,6 +84,10 @@ class UNetStageConfig:
                    "data.precomputed_urls (python -m pipeline shards precompute --encoder t5:PATH:MAXLEN).")
     attention: Literal["sdpa", "triton", "xformers"] = doc("sdpa", "Attention kernel of every U-Net attention.")
     diffusion: DiffusionConfig = doc(DiffusionConfig(), "Noise schedule, training target and loss weighting.")
+    loss_mask: bool = doc(False, "Weight the denoising loss per pixel by each training sample's optional "
+                                 "KEY.mask.png (grayscale, the image's aspect ratio, cropped with it; 255 = full "
+                                 "weight, 0 = ignored, e.g. watermarks or padding; samples without one weigh 1 "
+                                 "everywhere); resized to the latent grid by area for latent stages.")
     cond_drop_prob: float = doc(0.1, "Probability that a sample's whole condition (text, and the image embedding "
                                      "of an unCLIP stage) is replaced by the null condition (classifier-free "
                                      "guidance training).")
