@@ -204,3 +204,11 @@ def test_objective_and_sampler_must_agree() -> None:
     assert isinstance(vp, NoiseSchedule)
     with pytest.raises(ConfigError, match="dpmpp_2m"):
         make_scheduler(vp, SamplerConfig(name="flow_euler"))
+
+
+def test_the_prior_refuses_flow_matching_in_one_line() -> None:
+    from pipeline.stages.prior import PriorStageConfig
+
+    flow_cfg = DiffusionConfig(objective="flow", loss_weighting="uniform")
+    with pytest.raises(ConfigError, match="model.diffusion.objective must be vp for the prior"):
+        PriorStageConfig(clip="bundle/clip", diffusion=flow_cfg)
