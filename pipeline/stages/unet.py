@@ -64,7 +64,8 @@ def guidance_dropout(inputs: dict[str, torch.Tensor], mcfg: UNetStageConfig,
 
 
 class UNetStage(Stage):
-    """Trains one part, "unet": a diffusers UNet2DConditionModel (see pipeline/models/unet.py for its inputs)."""
+    """Trains one part, "unet": a diffusers UNet2DConditionModel (see pipeline/models/unet.py for its inputs), or
+    with model.backbone dit a PixArtTransformer2DModel (pipeline/models/dit.py)."""
 
     name = "unet"
     model_config_cls = UNetStageConfig
