@@ -147,3 +147,21 @@ def test_config_errors_name_the_key():
         DiTConfig(width=96, heads=5)
     with pytest.raises(ConfigError, match="model.dit.patch_size"):
         DiTConfig(patch_size=0)
+
+
+def test_triton_backend_gives_the_sdpa_outputs_with_the_padding_mask():
+    """The Triton flash-attention kernel (interpreted on CPU) on every DiT attention, masks included."""
+    torch.manual_seed(0)
+    cond = Conditioning(24, pooled_text=False, backbone="dit")
+    dit = build_dit(DiTConfig(patch_size=2, depth=2, width=64, heads=2), sample_size=8, in_channels=3,
+                    out_channels=3, text_dim=24).eval()
+    with torch.no_grad():
+        for p in dit.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    x, t, data = torch.randn(3, 3, 8, 8), torch.tensor([10.0, 500.0, 999.0]), inputs(3, seed=4)
+    outs = {}
+    for backend in ("sdpa", "triton"):
+        install_attention(dit, backend)
+        with torch.no_grad():
+            outs[backend] = unet_forward(dit, cond, x, t, data)
+    torch.testing.assert_close(outs["triton"], outs["sdpa"], rtol=0, atol=1e-5)  # fp32 kernels, reordered sums
