@@ -1,7 +1,7 @@
 """Flow matching vs v-prediction, DiT vs U-Net, on the demo's 16 px base stage: held-out prompt fidelity with
 guidance, per number of sampling steps, after the same number of training steps (wall time printed per run).
 
-    python benchmarks/objective_backbone.py OUT [--steps 300] [--prompts 64]
+    python benchmarks/objective_backbone.py OUT [--steps 400] [--prompts 64] [--runs unet_vp unet_flow dit_flow]
 
 Trains (resuming) three base stages on the demo's synthetic shards (written under OUT/shards if missing):
 ``unet_vp`` = configs/demo/unet_base.yaml as shipped (cosine schedule, v target, min-SNR, dpmpp_2m);
@@ -79,11 +79,12 @@ def row(out: Path, name: str, steps: int, train_dir: Path, heldout_dir: Path, sc
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("out", type=Path)
-    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--steps", type=int, default=400)
     parser.add_argument("--prompts", type=int, default=64)
-    parser.add_argument("--runs", nargs="*", default=list(RUNS))
+    parser.add_argument("--runs", nargs="*", default=list(RUNS), choices=list(RUNS))
+    parser.add_argument("--train-samples", type=int, default=4096, help="synthetic training scenes to write")
     args = parser.parse_args(argv)
-    train_dir, heldout_dir = make_demo_shards(args.out, DemoSize(train_samples=4096, heldout_samples=256))
+    train_dir, heldout_dir = make_demo_shards(args.out, DemoSize(train_samples=args.train_samples, heldout_samples=256))
     scenes = heldout_prompts(heldout_dir, args.prompts)
     print(f"# objective x backbone, {args.steps} training steps (batch 32, 16 px), {len(scenes)} held-out prompts, "
           f"guidance 3; {describe()}, torch {torch.__version__}, {datetime.date.today().isoformat()}", flush=True)
