@@ -85,8 +85,9 @@ def diffusion_loss(predict: Predict, x0: Tensor, schedule: Schedule, cfg: Diffus
     """Weighted MSE between predict(x_t, t) and the `cfg.target` of (x0, eps), eps ~ N(0, I), t from the
     schedule's training density (VP: uniform over 0..T-1; flow: the shifted density of model.diffusion.flow).
 
-    predict(x_t (B, ...) in x0's dtype, t (B,) int64 (VP) or float64 in [0, T] (flow)) -> (B, ...). The MSE is taken in float32 (or wider): a bf16
-    difference of two nearly equal predictions would be mostly rounding error. `t` (B,) int64: use these timesteps
+    predict(x_t (B, ...) in x0's dtype, t (B,) int64 (VP) or float32 in [0, T] (flow)) -> (B, ...). The MSE is
+    taken in float32 (or wider): a bf16 difference of two nearly equal predictions would be mostly rounding error.
+    `t` (B,) int64: use these timesteps
     instead of drawing them (e.g. :func:`stratified_timesteps` for a held-out loss). `weights`: per-pixel loss
     weights broadcastable to x0 (e.g. (B, 1, H, W) from a mask in the sample): the MSE becomes their weighted mean
     (:func:`masked_mean`). The noise carries cfg.offset_noise (:func:`training_noise`).

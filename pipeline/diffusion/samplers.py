@@ -78,8 +78,9 @@ class SamplerKind:
     steps_divide_timesteps: the step count must divide T (DDIMScheduler steps from t to t - T // steps whatever
     timestep comes next; with any other count the sample and the timestep the model is told drift apart, measured
     5% apart at 30 steps, 5x at 600); flow: it samples a flow-matching stage (velocity in, sample x_s itself,
-    noise level ``sigmas[i]`` = s). Which space its sample lives in (VP or "x0 + sigma * eps") is not listed: the loop asks the scheduler
-    (``init_noise_sigma``, ``scale_model_input``), so a new scheduler cannot be given the wrong start.
+    noise level ``sigmas[i]`` = s). Which space its sample lives in (VP or "x0 + sigma * eps") is not listed: the
+    loop asks the scheduler (``init_noise_sigma``, ``scale_model_input``), so a new scheduler cannot be given the
+    wrong start.
     """
 
     scheduler: type[SchedulerMixin]

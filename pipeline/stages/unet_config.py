@@ -82,7 +82,8 @@ class UNetStageConfig:
     text_source: Literal["encoder", "precomputed"] = doc(
         "encoder", "'encoder' runs the frozen T5 on each batch; 'precomputed' reads t5_emb/t5_mask arrays from "
                    "data.precomputed_urls (python -m pipeline shards precompute --encoder t5:PATH:MAXLEN).")
-    attention: Literal["sdpa", "triton", "xformers"] = doc("sdpa", "Attention kernel of every attention of the network (U-Net or DiT).")
+    attention: Literal["sdpa", "triton", "xformers"] = doc("sdpa", "Attention kernel of every attention of the "
+                                                                   "network (U-Net or DiT).")
     diffusion: DiffusionConfig = doc(DiffusionConfig(), "Noise schedule, training target and loss weighting.")
     loss_mask: bool = doc(False, "Weight the denoising loss per pixel by each training sample's optional "
                                  "KEY.mask.png (grayscale, the image's aspect ratio, cropped with it; 255 = full "

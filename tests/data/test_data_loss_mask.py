@@ -38,8 +38,8 @@ def test_masks_follow_the_image_crop_and_default_to_full_weight(tmp_path):
                                "mask.png": png(np.zeros((SIDE, SIDE), np.uint8))}))
     url = write_tar(tmp_path / "masks.tar", samples)
     spec = SampleSpec(image_size=SIDE, tokenize=toy_tokenize, loss_mask=True)
-    loader = build_eval_loader(data_config(url, eval_urls=str(url), resolution=SIDE), spec, batch_size=8, max_samples=8, rank=0,
-                               world_size=1)
+    data = data_config(url, eval_urls=str(url), resolution=SIDE)
+    loader = build_eval_loader(data, spec, batch_size=8, max_samples=8, rank=0, world_size=1)
     batch = next(iter(loader))
     assert batch["loss_mask"].shape == (6, 1, SIDE, SIDE) and batch["loss_mask"].dtype == torch.uint8
     for i, key in enumerate(batch["key"]):
@@ -49,7 +49,7 @@ def test_masks_follow_the_image_crop_and_default_to_full_weight(tmp_path):
         else:
             assert (mask == 255).all()
     assert loader.skip_counts() == {"corrupt_mask": 2}
-    plain = build_eval_loader(data_config(url, eval_urls=str(url), resolution=SIDE), SampleSpec(image_size=SIDE, tokenize=toy_tokenize),
-                              batch_size=8, max_samples=8, rank=0, world_size=1)
+    plain = build_eval_loader(data, SampleSpec(image_size=SIDE, tokenize=toy_tokenize), batch_size=8, max_samples=8,
+                              rank=0, world_size=1)
     assert "loss_mask" not in next(iter(plain))  # masks are read only when the stage asks for them
 

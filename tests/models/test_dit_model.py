@@ -50,7 +50,8 @@ def inputs(batch: int, seed: int) -> dict[str, torch.Tensor]:
 def test_padded_token_embeddings_change_nothing_and_every_attention_is_ours(super_res):
     dit, cond = tiny_dit(super_res)
     assert install_attention(dit, "sdpa") == 2 * TINY.depth  # self- and cross-attention of every block
-    assert all(isinstance(m.get_processor(), DispatchAttnProcessor) for m in dit.modules() if hasattr(m, "get_processor"))
+    processors = [m.get_processor() for m in dit.modules() if hasattr(m, "get_processor")]
+    assert all(isinstance(p, DispatchAttnProcessor) for p in processors)
     x, t = torch.randn(3, 3, 8, 8), torch.tensor([10.0, 500.0, 999.0])
     base = inputs(3, seed=1)
     garbage = dict(base, text=torch.where(base["mask"][..., None], base["text"], 50 * torch.randn_like(base["text"])))
