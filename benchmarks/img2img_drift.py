@@ -48,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     t2i = Text2Image.from_bundle(args.bundle)
     scenes = heldout_prompts(args.heldout, args.images)
-    samplers = [name for name, kind in SAMPLER_KINDS.items() if kind.image_to_image]
+    samplers = [name for name, kind in SAMPLER_KINDS.items() if kind.image_to_image and not kind.flow]
     results = {name: drift(t2i, scenes, name, args.strength, args.steps) for name in samplers}
     print(f"# image-to-image drift, {len(scenes)} held-out images, strength {args.strength}, {args.steps} steps")
     print(f"# {describe()}, torch {torch.__version__}, "

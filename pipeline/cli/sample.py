@@ -22,7 +22,8 @@ def add_parser(sub: argparse._SubParsersAction, common: argparse.ArgumentParser)
                         help="classifier-free guidance scale >= 1 for every stage (default: each stage's own)")
     parser.add_argument("--steps", type=int, default=None, help="sampler steps per stage (default: each stage's)")
     parser.add_argument("--sampler", default=None,
-                        help="sampler for every stage: ddpm, ddim, dpmpp_2m, euler, heun, ... (the names of "
+                        help="sampler for every stage: ddpm, ddim, dpmpp_2m, euler, heun (vp stages), flow_euler, "
+                             "flow_heun (flow stages) (the names of "
                              "pipeline.diffusion.samplers.SAMPLER_KINDS; default: each stage's)")
     parser.add_argument("--seed", type=int, default=0, help="random seed; image i of a seed is the same whatever "
                                                             "--num-images is (default 0)")

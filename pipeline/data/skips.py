@@ -3,7 +3,8 @@
 Sample reasons (the sample is dropped, the batch takes the next one):
     missing_image, empty_image, corrupt_image, image_too_small, bad_aspect_ratio,
     missing_caption, empty_caption, bad_caption_encoding, bad_json,
-    precomputed_missing (the reader accepts the sample but the precompute could not encode it: KEY.skip)
+    precomputed_missing (the reader accepts the sample but the precompute could not encode it: KEY.skip),
+    corrupt_mask (a loss mask KEY.mask.png that cannot be decoded or does not have the image's aspect ratio)
 Shard reasons (the rest of the shard is dropped, reading moves to the next shard):
     missing_shard, unreadable_shard (cannot open / not a tar / pipe command failed), truncated_shard
 
@@ -17,7 +18,8 @@ from collections.abc import Iterable
 from pipeline.errors import DataError
 
 SAMPLE_REASONS = ("missing_image", "empty_image", "corrupt_image", "image_too_small", "bad_aspect_ratio",
-                  "missing_caption", "empty_caption", "bad_caption_encoding", "bad_json", "precomputed_missing")
+                  "missing_caption", "empty_caption", "bad_caption_encoding", "bad_json", "precomputed_missing",
+                  "corrupt_mask")
 SHARD_REASONS = ("missing_shard", "unreadable_shard", "truncated_shard")
 
 

@@ -7,6 +7,7 @@ delivers batches as dicts:
                (absent when spec.image_size == 0)
     "caption": list[str] of length B                                     (always)
     "key":     list[str] of length B, the WebDataset sample keys          (always)
+    "loss_mask": uint8 (B, 1, S, S), per-pixel loss weight * 255, cropped like the image   (spec.loss_mask)
     **spec.tokenize(captions)                                             (e.g. "text": int64 (B, L))
     one stacked array per name in spec.precomputed, (B, *shape) in the stored dtype, e.g.
                "t5_emb" float16 (B, L, D), "t5_mask" bool (B, L), "clip_image_emb" float32 (B, E)
@@ -43,6 +44,9 @@ class SampleSpec:
         Must be picklable or fork-safe (it is copied into worker processes).
     precomputed: names of per-sample arrays read from aligned precomputed shards (e.g. "t5_emb", "t5_mask");
         needs data.precomputed_urls (and data.eval_precomputed_urls for evaluation).
+    loss_mask: also deliver "loss_mask" from each sample's optional ``KEY.mask.png`` (grayscale, the image's aspect
+        ratio; 255 = full weight, 0 = ignored, e.g. watermarks or padding), cropped and resized with the image;
+        255 everywhere for a sample without one.
     """
 
     image_size: int
@@ -50,6 +54,7 @@ class SampleSpec:
     image_std: tuple[float, float, float] = (0.5, 0.5, 0.5)
     tokenize: Tokenizer | None = None
     precomputed: tuple[str, ...] = ()
+    loss_mask: bool = False
 
 
 def _scale_shift(spec: SampleSpec) -> tuple[list[float], list[float]]:

@@ -26,7 +26,8 @@ from pipeline.data.skips import SkipCounter
 from pipeline.data.sources import SALT_CROP, SALT_SHUFFLE, ShardPlan, mix
 from pipeline.data.spec import SampleSpec
 from pipeline.data.tar_reader import iter_shard
-from pipeline.data.transforms import ImageOptions, SkipSample, collate, decode_image, image_bytes, read_caption
+from pipeline.data.transforms import (ImageOptions, SkipSample, collate, decode_image, decode_mask, image_bytes,
+                                      read_caption)
 from pipeline.errors import DataError
 
 # How a stream reads one shard: iter_shard, or an aligned.AlignedReader that zips in precomputed arrays.
@@ -179,16 +180,22 @@ class SampleDecoder:
                      if spec.image_size else None)
         self.seed, self.stream = seed, stream
         self.arrays = arrays or {}
+        self.loss_mask = spec.loss_mask and self.opts is not None
 
     def __call__(self, raw: RawSample) -> Decoded:
         caption = read_caption(raw.members, self.caption_key)
-        image = None
+        image, mask = None, None
         if self.opts is not None:
             crop_seed = mix(self.seed, SALT_CROP, self.stream, raw.k, raw.index)
             image = decode_image(image_bytes(raw.members), self.opts, crop_seed)
+            if self.loss_mask:
+                mask = decode_mask(raw.members, self.opts, crop_seed)
         # The reader's own checks come first, so a sample with e.g. a corrupt image is counted as such, as it
         # would be without precomputed shards; only samples it accepts can lack arrays.
-        return image, caption, {name: self._array(raw, name, info) for name, info in self.arrays.items()}
+        arrays = {name: self._array(raw, name, info) for name, info in self.arrays.items()}
+        if mask is not None:
+            arrays["loss_mask"] = mask
+        return image, caption, arrays
 
     @staticmethod
     def _array(raw: RawSample, name: str, info: ArrayInfo) -> np.ndarray:
@@ -216,6 +223,8 @@ def next_batch(samples: Iterator[RawSample], decode: SampleDecoder, spec: Sample
     """
     images, captions, keys = [], [], []
     arrays: dict[str, list[np.ndarray]] = {name: [] for name in spec.precomputed}
+    if spec.loss_mask and spec.image_size:
+        arrays["loss_mask"] = []
     for raw in samples:
         skips.seen += 1
         try:

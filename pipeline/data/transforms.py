@@ -22,7 +22,8 @@ from PIL import Image
 from pipeline.data.spec import SampleSpec
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")  # preference order when a sample holds several
-RESERVED_KEYS = ("image", "caption", "key")
+RESERVED_KEYS = ("image", "caption", "key", "loss_mask")
+MASK_MEMBER = "mask.png"  # KEY.mask.png: the optional per-pixel loss weight of a sample
 _ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")
 
 
@@ -131,6 +132,30 @@ def decode_image(data: bytes, opts: ImageOptions, crop_seed: int) -> np.ndarray:
         raise SkipSample("corrupt_image", f"cannot decode image ({_ADDRESS.sub('', str(exc))})") from None
 
 
+def decode_mask(members: dict[str, bytes], opts: ImageOptions, crop_seed: int) -> np.ndarray:
+    """The sample's loss mask -> uint8 (S, S), cropped and resized exactly as decode_image crops its image (same
+    crop_seed; the box is taken in the mask's own pixels, so a mask at another scale of the image works); 255
+    everywhere when the sample has no MASK_MEMBER."""
+    data = members.get(MASK_MEMBER)
+    if data is None:
+        return np.full((opts.size, opts.size), 255, np.uint8)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            mask = Image.open(io.BytesIO(data))
+            image_size = Image.open(io.BytesIO(image_bytes(members))).size  # header only
+            width, height = mask.size
+            if min(width, height) <= 0 or abs(width * image_size[1] - height * image_size[0]) > max(width, height):
+                raise SkipSample("corrupt_mask", f"mask {width}x{height} does not have the aspect ratio of the "
+                                                 f"image {image_size[0]}x{image_size[1]}")
+            box = _crop_box(width, height, opts, crop_seed)
+            return np.asarray(mask.convert("L").resize((opts.size, opts.size), Image.BILINEAR, box=box))
+    except SkipSample:
+        raise
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError, EOFError) as exc:
+        raise SkipSample("corrupt_mask", f"cannot decode {MASK_MEMBER} ({_ADDRESS.sub('', str(exc))})") from None
+
+
 def _empty(shape: tuple[int, ...], dtype: torch.dtype, shared: bool) -> tuple[torch.Tensor, np.ndarray]:
     """A tensor to fill (in shared memory when `shared`) and a numpy view of it."""
     result = torch.empty(shape, dtype=dtype)
@@ -172,7 +197,8 @@ def collate(images: list[np.ndarray], captions: list[str], keys: list[str], spec
     """Build the batch dict of spec.py.
 
     images: B arrays (S, S, 3) uint8 (ignored when spec.image_size == 0).
-    arrays: per name in spec.precomputed, B arrays of one shape and dtype.
+    arrays: per name in spec.precomputed, B arrays of one shape and dtype; "loss_mask": B uint8 (S, S) masks
+    (spec.loss_mask).
     shared: put the tensors in shared memory (in DataLoader workers; see image_batch).
     Returns {"image": uint8 (B, 3, S, S), "caption", "key", **spec.tokenize(captions), name: (B, *shape)}.
     """
@@ -183,6 +209,8 @@ def collate(images: list[np.ndarray], captions: list[str], keys: list[str], spec
     batch["key"] = keys
     for name in spec.precomputed:
         batch[name] = stack_arrays(name, (arrays or {})[name], shared)
+    if spec.loss_mask and spec.image_size:
+        batch["loss_mask"] = stack_arrays("loss_mask", (arrays or {})["loss_mask"], shared)[:, None]
     if spec.tokenize is not None:
         tokens = spec.tokenize(captions)
         clash = set(tokens) & (set(RESERVED_KEYS) | set(spec.precomputed))

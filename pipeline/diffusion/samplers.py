@@ -24,12 +24,13 @@ from typing import Any
 
 import torch
 from diffusers import (DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler,
-                       HeunDiscreteScheduler)
+                       FlowMatchEulerDiscreteScheduler, FlowMatchHeunDiscreteScheduler, HeunDiscreteScheduler)
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from torch import Tensor
 
 from pipeline.config_schema import check, doc
-from pipeline.diffusion.schedules import NoiseSchedule, check_target, scheduler_betas, x0_eps_from_output
+from pipeline.diffusion.flow import FlowSchedule
+from pipeline.diffusion.schedules import NoiseSchedule, Schedule, check_target, scheduler_betas, x0_eps_from_output
 from pipeline.errors import ConfigError
 
 # "trailing" spacing (Lin et al. 2023, Table 2) always starts at t = T-1, the noisiest timestep, where pure noise
@@ -46,7 +47,8 @@ class SamplerConfig:
 
     name: str = doc(
         "dpmpp_2m", "Sampler (a key of SAMPLER_KINDS): 'ddpm' (ancestral), 'ddim', 'dpmpp_2m' (DPM-Solver++ 2M), "
-                    "'euler', 'heun' (2nd order, 2*steps-1 network evaluations).")
+                    "'euler', 'heun' (2nd order, 2*steps-1 network evaluations); for model.diffusion.objective flow: "
+                    "'flow_euler', 'flow_heun' (2nd order, 2*steps-1 evaluations).")
     steps: int = doc(30, "Sampling steps, 1..model.diffusion.num_timesteps; for 'ddim' a divisor of num_timesteps.")
     eta: float = doc(0.0, "DDIM only: 0 = deterministic DDIM, 1 = DDPM-like ancestral noise (unitless, 0-1).")
     karras: bool = doc(False, "Karras et al. sigma spacing for euler / heun / dpmpp_2m (ignored by ddpm and ddim); off by "
@@ -75,8 +77,10 @@ class SamplerKind:
     extra ``step()`` arguments; image_to_image: a run may start part-way (Heun's steps are pairs of evaluations);
     steps_divide_timesteps: the step count must divide T (DDIMScheduler steps from t to t - T // steps whatever
     timestep comes next; with any other count the sample and the timestep the model is told drift apart, measured
-    5% apart at 30 steps, 5x at 600). Which space its sample lives in (VP or "x0 + sigma * eps") is not listed: the loop asks the scheduler
-    (``init_noise_sigma``, ``scale_model_input``), so a new scheduler cannot be given the wrong start.
+    5% apart at 30 steps, 5x at 600); flow: it samples a flow-matching stage (velocity in, sample x_s itself,
+    noise level ``sigmas[i]`` = s). Which space its sample lives in (VP or "x0 + sigma * eps") is not listed: the
+    loop asks the scheduler (``init_noise_sigma``, ``scale_model_input``), so a new scheduler cannot be given the
+    wrong start.
     """
 
     scheduler: type[SchedulerMixin]
@@ -85,6 +89,7 @@ class SamplerKind:
     step_options: Callable[[SamplerConfig, list[torch.Generator] | None], dict[str, Any]]
     image_to_image: bool = True
     steps_divide_timesteps: bool = False
+    flow: bool = False
 
 
 def _with_generator(_: SamplerConfig, gens: list[torch.Generator] | None) -> dict[str, Any]:
@@ -105,15 +110,23 @@ SAMPLER_KINDS: dict[str, SamplerKind] = {
                          True, _with_generator),
     "heun": SamplerKind(HeunDiscreteScheduler, lambda s: {"use_karras_sigmas": s.karras, "clip_sample": False},
                         True, lambda s, gens: {}, image_to_image=False),  # Heun's step() takes no generator
+    # Flow matching: the schedulers' sigmas are the flow's noise levels s (shifted by the stage's shift) and
+    # their timesteps s * T; both start at s = 1 (pure noise), the trailing start of the VP samplers.
+    "flow_euler": SamplerKind(FlowMatchEulerDiscreteScheduler, lambda s: {}, True, lambda s, gens: {}, flow=True),
+    "flow_heun": SamplerKind(FlowMatchHeunDiscreteScheduler, lambda s: {}, True, lambda s, gens: {},
+                             image_to_image=False, flow=True),
 }
 SAMPLERS: tuple[str, ...] = tuple(SAMPLER_KINDS)
+VP_SAMPLERS: tuple[str, ...] = tuple(name for name, kind in SAMPLER_KINDS.items() if not kind.flow)
+FLOW_SAMPLERS: tuple[str, ...] = tuple(name for name, kind in SAMPLER_KINDS.items() if kind.flow)
 
 
-def make_scheduler(schedule: NoiseSchedule, sampler: SamplerConfig, target: str = "eps") -> SchedulerMixin:
+def make_scheduler(schedule: Schedule, sampler: SamplerConfig, target: str = "eps") -> SchedulerMixin:
     """A fresh diffusers scheduler reproducing `schedule` (via ``trained_betas``), before ``set_timesteps``.
 
     `target` is what ``step()`` will be given (eps / x0 / v; diffusers' prediction_type epsilon / sample /
     v_prediction). Clipping and thresholding are off: the sampling loop thresholds x0 itself, for every sampler.
+    A :class:`FlowSchedule` gets a flow-matching scheduler with its shift (given the velocity; `target` unused).
     """
     check_target(target)
     T = schedule.num_timesteps
@@ -121,6 +134,13 @@ def make_scheduler(schedule: NoiseSchedule, sampler: SamplerConfig, target: str 
         raise ConfigError(f"model.sampling.sampler.steps ({sampler.steps}) must be <= "
                           f"model.diffusion.num_timesteps ({T})")
     kind = SAMPLER_KINDS[sampler.name]
+    flow = isinstance(schedule, FlowSchedule)
+    if kind.flow != flow:
+        able = ", ".join(name for name, other in SAMPLER_KINDS.items() if other.flow == flow)
+        raise ConfigError(f"model.sampling.sampler.name {sampler.name!r} does not sample objective "
+                          f"{'flow' if flow else 'vp'} (model.diffusion.objective); use one of {able}")
+    if flow:
+        return kind.scheduler(num_train_timesteps=T, shift=schedule.shift, **kind.options(sampler))
     if kind.steps_divide_timesteps and T % sampler.steps:
         raise ConfigError(f"model.sampling.sampler.steps ({sampler.steps}) must divide model.diffusion.num_timesteps "
                           f"({T}) for the {sampler.name!r} sampler (e.g. "
@@ -160,7 +180,7 @@ def _x0_limits(threshold: float | None) -> dict[str, Any]:
             "sample_max_value": float(torch.finfo(torch.float32).max)}
 
 
-def scheduler_config(schedule: NoiseSchedule, sampler: SamplerConfig, *, target: str,
+def scheduler_config(schedule: Schedule, sampler: SamplerConfig, *, target: str,
                      threshold: float | None = None) -> dict[str, Any]:
     """The JSON-able scheduler config export saves next to the U-Net (``scheduler_config.json``).
 
@@ -172,6 +192,8 @@ def scheduler_config(schedule: NoiseSchedule, sampler: SamplerConfig, *, target:
     scheduler built from it clamps as our loop does (checked for the classes in tests/diffusion).
     """
     config = json.loads(make_scheduler(schedule, sampler, target).to_json_string())
+    if isinstance(schedule, FlowSchedule):
+        return config  # diffusers' flow-matching schedulers have no x0 clamp: only our loop thresholds
     config.update(_x0_limits(threshold))
     return config
 
@@ -243,7 +265,7 @@ def _noised_start(scheduler: SchedulerMixin, kind: SamplerKind, schedule: NoiseS
     return x_t / factor
 
 
-def sample_loop(predict: Predict, noise: Tensor, schedule: NoiseSchedule, target: str, sampler: SamplerConfig, *,
+def sample_loop(predict: Predict, noise: Tensor, schedule: Schedule, target: str, sampler: SamplerConfig, *,
                 generators: Sequence[torch.Generator] | None = None,
                 threshold: Callable[[Tensor], Tensor] | None = None,
                 progress: Callable[[int, int], None] | None = None, init: Tensor | None = None,
@@ -259,12 +281,15 @@ def sample_loop(predict: Predict, noise: Tensor, schedule: NoiseSchedule, target
     noise that ddpm and ddim(eta > 0) add along the way, so image i does not depend on what else is in the batch;
     without them those samplers draw from the global RNG. `threshold` maps x0 (B, C, H, W) float64 -> x0 (e.g.
     dynamic thresholding) before every update. `progress(done, total)` is called after each of the `total`
-    network evaluations (2 * steps - 1 for heun).
+    network evaluations (2 * steps - 1 for heun). A :class:`FlowSchedule` is sampled by :func:`flow_loop`.
     """
     check_target(target)
     batch = noise.shape[0]
     if generators is not None and len(generators) != batch:
         raise ValueError(f"generators: need one per image ({batch}), got {len(generators)}")
+    if isinstance(schedule, FlowSchedule):
+        return flow_loop(predict, noise, schedule, sampler, threshold=threshold, progress=progress, init=init,
+                         strength=strength)
     gens = list(generators) if generators is not None else None
     kind = SAMPLER_KINDS[sampler.name]
     scheduler = _prepared_scheduler(schedule, sampler, noise.device)
@@ -292,4 +317,42 @@ def sample_loop(predict: Predict, noise: Tensor, schedule: NoiseSchedule, target
             # (plus, for ddpm, noise of std 1e-10): returning our x0 is the same, without the float32 round trip.
             return x0.to(torch.float32)
         x = scheduler.step(x0.to(torch.float64), timestep, x, **kind.step_options(sampler, gens)).prev_sample
+    raise AssertionError("unreachable: set_timesteps produced no timesteps")
+
+
+def flow_loop(predict: Predict, noise: Tensor, schedule: FlowSchedule, sampler: SamplerConfig, *,
+              threshold: Callable[[Tensor], Tensor] | None = None, progress: Callable[[int, int], None] | None = None,
+              init: Tensor | None = None, strength: float = 1.0) -> Tensor:
+    """Generate x0 (B, C, H, W) float32 from standard-normal `noise` with a flow-matching scheduler.
+
+    predict(x_s float32, t = s * T (B,) float32) -> velocity. As in :func:`sample_loop` the velocity becomes
+    x0 = x_s - s v, is thresholded, and goes back to the scheduler as v = (x_s - x0) / s (the scheduler's sigmas
+    end at 0, never evaluated: the last loop position returns x0 itself). SDEdit (`init`, `strength`) starts
+    at loop position i from (1 - s_i) init + s_i noise, the flow's own path.
+    """
+    kind = SAMPLER_KINDS[sampler.name]
+    scheduler = make_scheduler(schedule, sampler)
+    scheduler.set_timesteps(sampler.steps, device=noise.device)
+    sigmas = scheduler.sigmas.to(torch.float64)
+    scheduler.sigmas = sigmas  # Euler steps by sigma differences: float64 as for the VP sigma samplers
+    total = len(scheduler.timesteps)
+    start = 0 if init is None else _start_index(sampler, total, strength)
+    scheduler.set_begin_index(start)
+    x = noise.to(torch.float64)
+    if start:
+        x = (1 - sigmas[start]) * init.to(torch.float64) + sigmas[start] * x
+    batch = noise.shape[0]
+    for index in range(start, total):
+        sigma = sigmas[index]
+        t = (sigma * schedule.num_timesteps).to(torch.float32).expand(batch)
+        velocity = predict(x.to(torch.float32), t).to(torch.float64)
+        x0 = x - sigma * velocity
+        if threshold is not None:
+            x0 = threshold(x0)
+        if progress is not None:
+            progress(index + 1 - start, total - start)
+        if index == total - 1:
+            return x0.to(torch.float32)
+        velocity = (x - x0) / sigma
+        x = scheduler.step(velocity, scheduler.timesteps[index], x, **kind.step_options(sampler, None)).prev_sample
     raise AssertionError("unreachable: set_timesteps produced no timesteps")

@@ -22,11 +22,14 @@ import torch
 from torch import Tensor
 
 from pipeline.config_schema import check, doc
+from pipeline.diffusion.flow import FLOW_WEIGHTINGS, FlowConfig, FlowSchedule, resolved_shift
+from pipeline.diffusion.tensors import check_range, coef, work_dtype
 
 Target = Literal["eps", "x0", "v"]
 TARGETS: tuple[str, ...] = ("eps", "x0", "v")
 SCHEDULES: tuple[str, ...] = ("linear", "scaled_linear", "cosine", "shifted_cosine")
-WEIGHTINGS: tuple[str, ...] = ("uniform", "min_snr")
+WEIGHTINGS: tuple[str, ...] = ("uniform", "min_snr", "cosmap")
+OBJECTIVES: tuple[str, ...] = ("vp", "flow")
 
 COSINE_OFFSET = 0.008  # Nichol & Dhariwal's s: keeps beta_0 from being vanishingly small
 MAX_BETA = 0.999  # the cap of diffusers' "squaredcos_cap_v2"; without it the last beta is 1 and abar_{T-1} = 0
@@ -40,6 +43,10 @@ TERMINAL_ABAR = 2.0**-24
 class DiffusionConfig:
     """The `model.diffusion` section: noise schedule, prediction target and loss weighting of a diffusion stage."""
 
+    objective: Literal["vp", "flow"] = doc(
+        "vp", "Diffusion process: 'vp' (the discrete variance-preserving DDPM family: schedule, eps / x0 / v) or "
+              "'flow' (rectified flow x_t = (1 - s) x0 + s eps, velocity target eps - x0, settings in `flow`; "
+              "needs target v and a flow_* sampler; schedule, betas and zero_terminal_snr do not apply).")
     schedule: Literal["linear", "scaled_linear", "cosine", "shifted_cosine"] = doc(
         "cosine", "Noise schedule: 'linear' betas (DDPM), 'scaled_linear' (betas linear in sqrt(beta): Stable "
                   "Diffusion's), 'cosine' (Nichol & Dhariwal, diffusers' squaredcos_cap_v2) or 'shifted_cosine' "
@@ -57,11 +64,15 @@ class DiffusionConfig:
                                          "at which the shifted cosine schedule equals the plain cosine one.")
     target: Literal["eps", "x0", "v"] = doc("v", "What the network predicts: noise 'eps', clean data 'x0', or "
                                                  "velocity 'v' = sqrt(abar)*eps - sqrt(1-abar)*x0.")
-    loss_weighting: Literal["uniform", "min_snr"] = doc(
-        "min_snr", "Per-timestep loss weight: 'uniform' (1) or min-SNR-gamma (Hang et al. 2023), expressed for "
-                   "`target`.")
+    loss_weighting: Literal["uniform", "min_snr", "cosmap"] = doc(
+        "min_snr", "Per-timestep loss weight: 'uniform' (1), min-SNR-gamma (Hang et al. 2023), expressed for "
+                   "`target` (for flow: on the velocity), or 'cosmap' (SD3's cosine-map weight; flow only).")
     min_snr_gamma: float = doc(5.0, "gamma of min-SNR weighting: the signal-to-noise ratio above which timesteps "
                                     "stop gaining weight (unitless).")
+    offset_noise: float = doc(0.0, "Offset noise (Guttenberg 2023): std of a constant per sample and channel added "
+                                   "to the training noise, so the model learns to change an image's mean (very "
+                                   "dark or bright images); 0 = off, 0.05-0.1 usual (unitless, data units).")
+    flow: FlowConfig = doc(FlowConfig(), "Flow matching (objective: flow): training timestep density and shift.")
 
     def __post_init__(self) -> None:
         check(self.schedule in SCHEDULES, "model.diffusion.schedule",
@@ -78,6 +89,19 @@ class DiffusionConfig:
         check(self.min_snr_gamma > 0, "model.diffusion.min_snr_gamma", f"must be > 0, got {self.min_snr_gamma}")
         check(not (self.zero_terminal_snr and self.target == "eps"), "model.diffusion.zero_terminal_snr",
               "needs model.diffusion.target v or x0: at zero terminal SNR an eps prediction says nothing about x0")
+        check(self.offset_noise >= 0, "model.diffusion.offset_noise", f"must be >= 0, got {self.offset_noise}")
+        check(self.objective in OBJECTIVES, "model.diffusion.objective",
+              f"must be one of {', '.join(OBJECTIVES)}, got {self.objective!r}")
+        if self.objective == "flow":
+            check(self.target == "v", "model.diffusion.target",
+                  f"must be v (the velocity eps - x0) with objective flow, got {self.target!r}")
+            check(not self.zero_terminal_snr, "model.diffusion.zero_terminal_snr",
+                  "does not apply to objective flow (its noise level 1 is pure noise already); set it to false")
+            check(self.loss_weighting in FLOW_WEIGHTINGS, "model.diffusion.loss_weighting",
+                  f"must be one of {', '.join(FLOW_WEIGHTINGS)} with objective flow, got {self.loss_weighting!r}")
+        else:
+            check(self.loss_weighting != "cosmap", "model.diffusion.loss_weighting",
+                  "cosmap is a flow-matching weight; use uniform or min_snr with objective vp")
 
 
 def check_target(kind: str) -> None:
@@ -86,37 +110,14 @@ def check_target(kind: str) -> None:
         raise ValueError(f"prediction target must be one of {', '.join(TARGETS)}, got {kind!r}")
 
 
-def check_range(values: Tensor, low: float, high: float, what: str) -> None:
-    """Raise ValueError unless every value lies in [low, high].
-
-    Only CPU tensors are checked: on an accelerator the check would block the host until the device catches up
-    (a sync per call in the training step), and the values there come from our own draws.
-    """
-    if values.device.type != "cpu" or values.numel() == 0:
-        return
-    if bool(((values < low) | (values > high) | values.isnan()).any()):
-        raise ValueError(f"{what} must lie in [{low:g}, {high:g}], got values from {values.min().item():g} to "
-                         f"{values.max().item():g}")
-
-
-def _work_dtype(x: Tensor) -> torch.dtype:
-    """float32 or wider: conversions divide by sqrt(abar) ~ 5e-5 at the noisiest step, too much for 16-bit."""
-    return torch.promote_types(x.dtype, torch.float32)
-
-
-def _coef(values: Tensor, like: Tensor, dtype: torch.dtype) -> Tensor:
-    """(B,) -> (B, 1, ..., 1) broadcastable against `like`, in `dtype` on like's device."""
-    return values.to(device=like.device, dtype=dtype).reshape(-1, *([1] * (like.dim() - 1)))
-
-
 def x0_eps_from_output(x_t: Tensor, out: Tensor, abar: Tensor, kind: str) -> tuple[Tensor, Tensor]:
     """(x0, eps) implied by the network output `out` in parameterisation `kind` at noise level abar (B,).
 
     x_t, out: (B, ...). Returns tensors in float32 or wider (the wider of the inputs' dtypes).
     """
     check_target(kind)
-    dtype = torch.promote_types(_work_dtype(x_t), _work_dtype(out))
-    a, s = _coef(abar.sqrt(), x_t, dtype), _coef((1 - abar).sqrt(), x_t, dtype)
+    dtype = torch.promote_types(work_dtype(x_t), work_dtype(out))
+    a, s = coef(abar.sqrt(), x_t, dtype), coef((1 - abar).sqrt(), x_t, dtype)
     x_t, out = x_t.to(dtype), out.to(dtype)
     if kind == "eps":
         return (x_t - s * out) / a, out
@@ -129,12 +130,12 @@ def x0_eps_from_output(x_t: Tensor, out: Tensor, abar: Tensor, kind: str) -> tup
 def output_from_x0_eps(x0: Tensor, eps: Tensor, abar: Tensor, kind: str) -> Tensor:
     """The network output in parameterisation `kind` for (x0, eps) at noise level abar (B,); float32 or wider."""
     check_target(kind)
-    dtype = torch.promote_types(_work_dtype(x0), _work_dtype(eps))
+    dtype = torch.promote_types(work_dtype(x0), work_dtype(eps))
     if kind == "eps":
         return eps.to(dtype)
     if kind == "x0":
         return x0.to(dtype)
-    a, s = _coef(abar.sqrt(), x0, dtype), _coef((1 - abar).sqrt(), x0, dtype)
+    a, s = coef(abar.sqrt(), x0, dtype), coef((1 - abar).sqrt(), x0, dtype)
     return a * eps.to(dtype) - s * x0.to(dtype)
 
 
@@ -202,11 +203,20 @@ class NoiseSchedule:
         w = ((ls - log_sigmas[lo]) / (log_sigmas[lo + 1] - log_sigmas[lo])).clamp(0, 1)
         return lo + w
 
+    def sample_timesteps(self, batch: int, generator: torch.Generator | None, device: torch.device) -> Tensor:
+        """(B,) int64 training timesteps, uniform over 0..T-1, drawn on the generator's device, returned on `device`."""
+        draw_on = generator.device if generator is not None else device
+        return torch.randint(0, self.num_timesteps, (batch,), generator=generator, device=draw_on).to(device)
+
+    def level_timestep(self, level: Tensor) -> Tensor:
+        """(Fractional) timestep level * (T-1) (float64) of noise-augmentation levels (B,) in [0, 1]."""
+        return torch.as_tensor(level).to(torch.float64) * (self.num_timesteps - 1)
+
     def add_noise(self, x0: Tensor, eps: Tensor, t: Tensor) -> Tensor:
         """x_t = sqrt(abar) x0 + sqrt(1 - abar) eps, computed in float32 or wider, returned in x0's dtype."""
         abar = self.alpha_bar(t)
-        dtype = torch.promote_types(_work_dtype(x0), _work_dtype(eps))
-        a, s = _coef(abar.sqrt(), x0, dtype), _coef((1 - abar).sqrt(), x0, dtype)
+        dtype = torch.promote_types(work_dtype(x0), work_dtype(eps))
+        a, s = coef(abar.sqrt(), x0, dtype), coef((1 - abar).sqrt(), x0, dtype)
         return (a * x0.to(dtype) + s * eps.to(dtype)).to(x0.dtype)
 
     def target(self, x0: Tensor, eps: Tensor, t: Tensor, kind: str) -> Tensor:
@@ -275,16 +285,22 @@ def zero_terminal_snr(betas: Tensor, terminal_abar: float = TERMINAL_ABAR) -> Te
     return 1 - abar / previous
 
 
-def build_schedule(cfg: DiffusionConfig, resolution: int) -> NoiseSchedule:
+Schedule = NoiseSchedule | FlowSchedule
+
+
+def build_schedule(cfg: DiffusionConfig, resolution: int) -> Schedule:
     """The schedule `cfg` describes for a stage whose output images have side `resolution` in pixels (a latent
     stage passes its image side, not its latent side, so shift_base_resolution means the same in both spaces).
 
     `resolution` only matters for 'shifted_cosine': log-SNR += 2*log(shift_base_resolution / resolution), so a
     larger image (more redundant pixels) gets proportionally more noise at every t ("simple diffusion").
     The zero-terminal-SNR rescale comes last, so the shifted schedule's terminal SNR is zero too.
+    Objective 'flow' gives a :class:`FlowSchedule` instead, its shift resolved for `resolution`.
     """
     if resolution <= 0:
         raise ValueError(f"resolution must be a positive pixel count, got {resolution}")
+    if cfg.objective == "flow":
+        return FlowSchedule(cfg.flow, cfg.num_timesteps, resolved_shift(cfg.flow, resolution))
     T = cfg.num_timesteps
     if cfg.schedule == "linear":
         betas = torch.linspace(cfg.beta_start, cfg.beta_end, T, dtype=torch.float64)

@@ -2,7 +2,8 @@
 
 ``install_attention(model, backend)`` puts one :class:`DispatchAttnProcessor` on every
 ``diffusers.models.attention_processor.Attention`` of a ``UNet2DConditionModel`` (CrossAttn and IF-style
-SimpleCrossAttn blocks), ``PriorTransformer``, ``AutoencoderKL`` or ``VQModel``. The processor reproduces
+SimpleCrossAttn blocks), ``PixArtTransformer2DModel`` (self- and cross-attention of every block),
+``PriorTransformer``, ``AutoencoderKL`` or ``VQModel``. The processor reproduces
 diffusers' ``AttnProcessor2_0`` (or ``AttnAddedKVProcessor2_0`` for added-KV attention) step by step and
 calls :func:`pipeline.models.attention.attend` for the attention itself. It holds no parameters, so the
 state dict (and every checkpoint) is the same whichever backend runs.

@@ -29,6 +29,7 @@ from torch import nn
 
 from pipeline.config_schema import check, doc
 from pipeline.diffusion.schedules import check_range
+from pipeline.models.dit import dit_forward
 
 
 @dataclass(frozen=True)
@@ -82,7 +83,7 @@ class Conditioning:
 
     text_dim: T5 width D_t5; pooled_text: masked-mean T5 in the class vector; image_embed_dim: CLIP embedding width
     E (0 = none); level_dim: noise-level embedding width K (0 = base stage); low_res_channels: channels concatenated
-    to the sample (0 = base stage).
+    to the sample (0 = base stage); backbone: 'unet' (this module's convention) or 'dit' (pipeline/models/dit.py).
     """
 
     text_dim: int
@@ -90,6 +91,7 @@ class Conditioning:
     image_embed_dim: int = 0
     level_dim: int = 0
     low_res_channels: int = 0
+    backbone: str = "unet"
 
     @property
     def class_dim(self) -> int:
@@ -182,8 +184,11 @@ def unet_forward(unet: nn.Module, cond: Conditioning, x_t: torch.Tensor, t: torc
 
     x_t: (B, C, H, W); t: (B,) timesteps (integer or fractional); inputs: "text" (B, L, D_t5), "mask" (B, L) bool,
     and when configured "image_embed" (B, E), "low_res" (B, C_low, H, W), "level" (B,) in [0, 1].
-    Returns the network output (B, C_out, H, W) in the U-Net's dtype.
+    Returns the network output (B, C_out, H, W) in the U-Net's dtype. A DiT backbone (``cond.backbone``) is
+    called under its own convention (:func:`pipeline.models.dit.dit_forward`).
     """
+    if cond.backbone == "dit":
+        return dit_forward(unet, x_t, t, inputs, super_res=bool(cond.low_res_channels))
     sample = x_t if not cond.low_res_channels else torch.cat([x_t, inputs["low_res"].to(x_t.dtype)], dim=1)
     return unet(sample, t, encoder_hidden_states=inputs["text"], class_labels=class_vector(cond, inputs),
                 encoder_attention_mask=inputs["mask"]).sample

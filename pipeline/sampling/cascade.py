@@ -24,7 +24,7 @@ from pipeline.config_schema import check, doc
 from pipeline.diffusion.guidance import classifier_free, dynamic_threshold, static_threshold
 from pipeline.diffusion.objective import noise_augment
 from pipeline.diffusion.samplers import SamplerConfig, sample_loop
-from pipeline.diffusion.schedules import NoiseSchedule
+from pipeline.diffusion.schedules import Schedule
 from pipeline.errors import UsageError
 from pipeline.models.unet import Conditioning, null_condition, unet_forward
 
@@ -64,7 +64,7 @@ class CascadeLevel:
     name: str
     unet: nn.Module
     cond: Conditioning
-    schedule: NoiseSchedule
+    schedule: Schedule
     target: str
     resolution: int
     grid: tuple[int, int, int]

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from diffusers import UNet2DConditionModel
+from diffusers import PixArtTransformer2DModel, UNet2DConditionModel
 
 from pipeline.bundle import PRIOR_META, STAGE_META, Bundle
 from pipeline.config_schema import from_dict
@@ -90,10 +90,11 @@ def _load_level(bundle: Bundle, name: str, device: torch.device, decode: Callabl
     diffusion = from_dict(DiffusionConfig, model["diffusion"], source=source, prefix="model.diffusion")
     architecture = from_dict(UNetConfig, model["unet"], source=source, prefix="model.unet")
     defaults = from_dict(SamplingConfig, model["sampling"], source=source, prefix="model.sampling")
-    unet = load_diffusers_strict(UNet2DConditionModel, folder)
+    network = PixArtTransformer2DModel if model.get("backbone", "unet") == "dit" else UNet2DConditionModel
+    unet = load_diffusers_strict(network, folder)
     backend = model.get("attention", "sdpa") if device.type == "cuda" else "sdpa"  # every backend computes the same
     install_attention(unet, backend)
-    if architecture.fused_norm:
+    if architecture.fused_norm and network is UNet2DConditionModel:
         install_fused_norm(unet, backend)
     if meta["space"] == "latent":
         if decode is None:

@@ -81,6 +81,8 @@ class PriorStageConfig:
         check(self.attention in ATTENTION_BACKENDS, "model.attention", f"must be one of {ATTENTION_BACKENDS}")
         check(self.diffusion.schedule != "shifted_cosine", "model.diffusion.schedule",
               "'shifted_cosine' shifts by image resolution, which an embedding does not have; use 'cosine'")
+        check(self.diffusion.objective == "vp", "model.diffusion.objective",
+              "must be vp for the prior: flow matching is offered (and tested) for unet stages")
         check(0.0 <= self.cond_drop_prob < 1.0, "model.cond_drop_prob", f"must be in [0, 1), got {self.cond_drop_prob}")
         check(self.stats_samples >= 2, "model.stats_samples", f"must be >= 2, got {self.stats_samples}")
 

@@ -27,11 +27,12 @@ from pipeline.data.spec import SampleSpec
 from pipeline.data.synthetic import parse_caption
 from pipeline.diffusion.objective import cfg_drop, diffusion_loss, random_levels, stratified_timesteps
 from pipeline.diffusion.samplers import make_scheduler, scheduler_config
-from pipeline.diffusion.schedules import NoiseSchedule, build_schedule
+from pipeline.diffusion.schedules import Schedule, build_schedule
 from pipeline.errors import ConfigError, PipelineError
 from pipeline.eval.fidelity import fidelity_sums
 from pipeline.eval.frechet import load_reference_stats
 from pipeline.eval.generation import GenerationMetrics, generation_figures, quality_models, sample_id
+from pipeline.models.dit import build_dit
 from pipeline.models.diffusers_attention import install_attention
 from pipeline.models.fused_norm import install_fused_norm
 from pipeline.models.unet import Conditioning, build_unet, null_condition, unet_forward
@@ -66,7 +67,8 @@ def guidance_dropout(inputs: dict[str, torch.Tensor], mcfg: UNetStageConfig,
 
 
 class UNetStage(Stage):
-    """Trains one part, "unet": a diffusers UNet2DConditionModel (see pipeline/models/unet.py for its inputs)."""
+    """Trains one part, "unet": a diffusers UNet2DConditionModel (see pipeline/models/unet.py for its inputs), or
+    with model.backbone dit a PixArtTransformer2DModel (pipeline/models/dit.py)."""
 
     name = "unet"
     model_config_cls = UNetStageConfig
@@ -76,24 +78,30 @@ class UNetStage(Stage):
         self.mcfg: UNetStageConfig = cfg.model
         self.resolution = cfg.data.resolution
         sr = self.mcfg.super_res
-        levels = len(self.mcfg.unet.channel_mult)
-        if self.resolution % 2 ** (levels - 1):
-            raise ConfigError(f"data.resolution ({self.resolution}) must be divisible by 2^{levels - 1} for "
-                              f"{levels} U-Net levels (model.unet.channel_mult)")
+        multiple, why = self._grid_multiple()
+        if self.resolution % multiple:
+            raise ConfigError(f"data.resolution ({self.resolution}) must be divisible by {multiple} ({why})")
         if sr.low_res and not sr.low_res < self.resolution:
             raise ConfigError(f"model.super_res.low_res ({sr.low_res}) must be smaller than data.resolution "
                               f"({self.resolution}): a super-resolution stage upsamples")
-        self.schedule: NoiseSchedule = build_schedule(self.mcfg.diffusion, self.resolution)
+        self.schedule: Schedule = build_schedule(self.mcfg.diffusion, self.resolution)
         make_scheduler(self.schedule, self.mcfg.sampling.sampler)  # sampler settings that cannot work fail now
         self.grid = (3, self.resolution, self.resolution)
         if self.mcfg.space == "latent" and Path(self.mcfg.autoencoder).exists():  # missing: input_paths says so
             channels, factor, _ = autoencoder_geometry(self.mcfg.autoencoder)
-            if self.resolution % factor or (self.resolution // factor) % 2 ** (levels - 1):
+            if self.resolution % factor or (self.resolution // factor) % multiple:
                 raise ConfigError(f"data.resolution ({self.resolution}) / the autoencoder's factor {factor} must be "
-                                  f"a whole latent side divisible by 2^{levels - 1}")
+                                  f"a whole latent side divisible by {multiple} ({why})")
             self.grid = (channels, self.resolution // factor, self.resolution // factor)
         self.t5_dim: int | None = None  # known once the T5 (or the first precomputed batch) is seen
         self._quality: tuple | None = None  # eval.num_images: (Inception, CLIP), loaded at the first evaluation
+
+    def _grid_multiple(self) -> tuple[int, str]:
+        """What the network's grid side must be a multiple of, and why (for the error message)."""
+        if self.mcfg.backbone == "dit":
+            return self.mcfg.dit.patch_size, "model.dit.patch_size"
+        levels = len(self.mcfg.unet.channel_mult)
+        return 2 ** (levels - 1), f"{levels} U-Net levels, model.unet.channel_mult"
 
     # ------------------------------------------------------------------------------------------ build
     def sample_spec(self) -> SampleSpec:
@@ -102,8 +110,10 @@ class UNetStage(Stage):
         if self.mcfg.space == "latent" and self.mcfg.latent_source == "precomputed":
             arrays = (*arrays, "latent")
         if self.mcfg.text_source == "precomputed":
-            return SampleSpec(image_size=self.resolution, precomputed=("t5_emb", "t5_mask", *arrays))
-        return SampleSpec(image_size=self.resolution, tokenize=T5Tokenize(t5.path, t5.max_length), precomputed=arrays)
+            return SampleSpec(image_size=self.resolution, precomputed=("t5_emb", "t5_mask", *arrays),
+                              loss_mask=self.mcfg.loss_mask)
+        return SampleSpec(image_size=self.resolution, tokenize=T5Tokenize(t5.path, t5.max_length), precomputed=arrays,
+                          loss_mask=self.mcfg.loss_mask)
 
     def input_paths(self) -> dict[str, str]:
         paths = {}
@@ -121,10 +131,10 @@ class UNetStage(Stage):
 
     def conditioning(self, text_dim: int) -> Conditioning:
         sr = self.mcfg.super_res
-        return Conditioning(text_dim=text_dim, pooled_text=self.mcfg.unet.pooled_text,
+        return Conditioning(text_dim=text_dim, pooled_text=self.mcfg.unet.pooled_text and self.mcfg.backbone == "unet",
                             image_embed_dim=self.mcfg.image_embed.dim,
                             level_dim=sr.level_embed_dim if sr.low_res else 0,
-                            low_res_channels=3 if sr.low_res else 0)
+                            low_res_channels=3 if sr.low_res else 0, backbone=self.mcfg.backbone)
 
     def _text_dim(self) -> int:
         if self.t5_dim is None:
@@ -132,6 +142,15 @@ class UNetStage(Stage):
         return self.t5_dim
 
     def build_trainable(self) -> dict[str, nn.Module]:
+        if self.mcfg.backbone == "dit":  # part name "unet" for either backbone: checkpoints, export, bundles
+            cond = self.conditioning(self._text_dim())
+            dit = build_dit(self.mcfg.dit, sample_size=self.grid[1], in_channels=self.grid[0],
+                            out_channels=self.grid[0], text_dim=cond.text_dim, low_res_channels=cond.low_res_channels,
+                            level_conditioned=bool(cond.level_dim))
+            install_attention(dit, self.mcfg.attention)
+            if self.cfg.train.activation_checkpointing:
+                dit.enable_gradient_checkpointing()  # one checkpoint per transformer block
+            return {"unet": dit}
         unet = build_unet(self.mcfg.unet, sample_size=self.grid[1], in_channels=self.grid[0],
                           out_channels=self.grid[0], cond=self.conditioning(self._text_dim()))
         install_attention(unet, self.mcfg.attention)
@@ -208,8 +227,16 @@ class UNetStage(Stage):
         inputs = guidance_dropout(inputs, self.mcfg, self.ctx.device)
         cond = self.conditioning(inputs["text"].shape[-1])
         out = diffusion_loss(lambda x_t, t: unet_forward(unet, cond, x_t, t, inputs), x0, self.schedule,
-                             self.mcfg.diffusion)
+                             self.mcfg.diffusion, weights=self._loss_weights(batch, x0))
         return StepOutput(out.loss, {"mse": out.per_sample.detach().mean()})
+
+    def _loss_weights(self, batch: dict, x0: torch.Tensor) -> torch.Tensor | None:
+        """Per-pixel loss weights (B, 1, h, w) in [0, 1] on x0's grid from the batch's loss masks (model.loss_mask;
+        area-averaged onto a latent grid), or None."""
+        if not self.mcfg.loss_mask:
+            return None
+        mask = batch["loss_mask"].to(x0.device, non_blocking=True).to(torch.float32) / 255.0
+        return mask if mask.shape[-2:] == x0.shape[-2:] else F.interpolate(mask, size=x0.shape[-2:], mode="area")
 
     # ---------------------------------------------------------------------------------------- sample
     def sampler(self, unet: nn.Module | None, settings: SamplingConfig | None = None,

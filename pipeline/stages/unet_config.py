@@ -10,6 +10,7 @@ from pipeline.config_schema import check, doc
 from pipeline.diffusion.schedules import DiffusionConfig
 from pipeline.errors import ConfigError
 from pipeline.models.attention import ATTENTION_BACKENDS
+from pipeline.models.dit import DiTConfig
 from pipeline.models.unet import UNetConfig
 from pipeline.sampling.cascade import SamplingConfig
 from pipeline.text.t5 import TINY, TINY_DIMS, T5EncoderConfig
@@ -71,14 +72,23 @@ class UNetStageConfig:
     latent_source: Literal["encoder", "precomputed"] = doc(
         "encoder", "Latent space: 'encoder' encodes each batch with the frozen autoencoder; 'precomputed' reads the "
                    "'latent' arrays of data.precomputed_urls (shards precompute --encoder latents:AE_DIR).")
-    unet: UNetConfig = doc(UNetConfig(), "U-Net architecture.")
+    backbone: Literal["unet", "dit"] = doc("unet", "Denoising network: 'unet' (diffusers UNet2DConditionModel, "
+                                                   "model.unet) or 'dit' (PixArt-alpha's transformer with T5 "
+                                                   "cross-attention, model.dit; see pipeline/models/dit.py).")
+    unet: UNetConfig = doc(UNetConfig(), "U-Net architecture (backbone: unet).")
+    dit: DiTConfig = doc(DiTConfig(), "Transformer architecture (backbone: dit).")
     text_encoder: T5EncoderConfig = doc(T5EncoderConfig(path=TINY, max_length=24),
                                         "Frozen T5 encoder (path: local dir, hub id, or 'tiny').")
     text_source: Literal["encoder", "precomputed"] = doc(
         "encoder", "'encoder' runs the frozen T5 on each batch; 'precomputed' reads t5_emb/t5_mask arrays from "
                    "data.precomputed_urls (python -m pipeline shards precompute --encoder t5:PATH:MAXLEN).")
-    attention: Literal["sdpa", "triton", "xformers"] = doc("sdpa", "Attention kernel of every U-Net attention.")
+    attention: Literal["sdpa", "triton", "xformers"] = doc("sdpa", "Attention kernel of every attention of the "
+                                                                   "network (U-Net or DiT).")
     diffusion: DiffusionConfig = doc(DiffusionConfig(), "Noise schedule, training target and loss weighting.")
+    loss_mask: bool = doc(False, "Weight the denoising loss per pixel by each training sample's optional "
+                                 "KEY.mask.png (grayscale, the image's aspect ratio, cropped with it; 255 = full "
+                                 "weight, 0 = ignored, e.g. watermarks or padding; samples without one weigh 1 "
+                                 "everywhere); resized to the latent grid by area for latent stages.")
     cond_drop_prob: float = doc(0.1, "Probability that a sample's whole condition (text, and the image embedding "
                                      "of an unCLIP stage) is replaced by the null condition (classifier-free "
                                      "guidance training).")
@@ -94,6 +104,9 @@ class UNetStageConfig:
     def __post_init__(self) -> None:
         check(bool(self.name) and self.name.replace("_", "").isalnum(), "model.name",
               f"must be a non-empty identifier (letters, digits, _), got {self.name!r}")
+        check(self.backbone in ("unet", "dit"), "model.backbone", f"must be unet or dit, got {self.backbone!r}")
+        check(self.backbone == "unet" or not self.image_embed.dim, "model.image_embed.dim",
+              "unCLIP conditioning enters through the U-Net's class embedding: use model.backbone unet")
         check(self.attention in ATTENTION_BACKENDS, "model.attention", f"must be one of {ATTENTION_BACKENDS}")
         check(0.0 <= self.cond_drop_prob < 1.0, "model.cond_drop_prob", f"must be in [0, 1), got {self.cond_drop_prob}")
         check(self.eval_prompts >= 0 and self.grid_images >= 0, "model.eval_prompts",

@@ -254,3 +254,12 @@ def test_peers_compares_every_cpu_section_and_states_each_goal(tmp_path):
     assert 0.5 < number(rows[-1][5].rstrip("x")) < 2.0
     assert "AMD" in out or "Intel" in out or "CPU" in out or "cores" in out  # the machine is named
     assert (tmp_path / "peers.md").read_text() in out  # stdout also holds DeepSpeed's log lines
+
+
+def test_objective_backbone_trains_exports_and_scores_each_run(tmp_path):
+    """benchmarks/objective_backbone.py in a tiny setting: a row per run with a fidelity pair per sampling-step
+    count (the flow runs sample through their exported FlowMatch scheduler config)."""
+    out = run_script([sys.executable, str(BENCH / "objective_backbone.py"), str(tmp_path), "--steps", "2",
+                      "--prompts", "2", "--train-samples", "64", "--runs", "dit_flow"], timeout=600)
+    rows = [line for line in out.splitlines() if line.startswith("| dit_flow |")]
+    assert len(rows) == 1 and rows[0].count(" / ") == 4, out[-2000:]

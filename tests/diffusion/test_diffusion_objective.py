@@ -7,7 +7,8 @@ import pytest
 import torch
 from torch import Tensor
 
-from pipeline.diffusion.objective import cfg_drop, diffusion_loss, noise_augment, random_levels
+from pipeline.diffusion.objective import (cfg_drop, diffusion_loss, masked_mean, noise_augment, random_levels,
+                                          training_noise)
 from pipeline.diffusion.schedules import DiffusionConfig, NoiseSchedule, build_schedule
 from pipeline.models.unet import level_embedding
 
@@ -146,3 +147,60 @@ def test_stratified_timesteps_cover_every_slice_and_are_uniform_overall() -> Non
     torch.testing.assert_close(counts, torch.full((10,), 0.1, dtype=torch.float64), atol=0.01, rtol=0)
     again = stratified_timesteps(4, 1000, "cpu", generator=torch.Generator().manual_seed(0))
     assert torch.equal(again, t)
+
+
+def test_offset_noise_is_a_constant_per_sample_and_channel_of_the_stated_std() -> None:
+    x0 = torch.zeros(64, 8, 6, 6)
+    plain = training_noise(x0, 0.0, torch.Generator().manual_seed(3))
+    torch.testing.assert_close(plain, torch.randn(x0.shape, generator=torch.Generator().manual_seed(3)))
+    offset = training_noise(x0, 0.1, torch.Generator().manual_seed(3)) - plain  # same stream, then the offset
+    torch.testing.assert_close(offset, offset[..., :1, :1].expand_as(offset), rtol=0, atol=1e-6)
+    std = float(offset[..., 0, 0].double().std())
+    assert abs(std - 0.1) < 0.1 * 4 / (2 * 64 * 8) ** 0.5  # sample std of 512 normals: relative error 1/sqrt(2n)
+
+
+@pytest.mark.parametrize("objective", ["vp", "flow"])
+def test_the_loss_noises_with_the_offset_noise(objective: str) -> None:
+    cfg = DiffusionConfig(objective=objective, loss_weighting="uniform", offset_noise=0.2)
+    schedule = build_schedule(cfg, resolution=16)
+    x0 = torch.randn(3, 3, 8, 8)
+    seen = {}
+
+    def predict(x_t: Tensor, t: Tensor) -> Tensor:
+        seen["x_t"] = x_t
+        return torch.zeros_like(x_t)
+
+    out = diffusion_loss(predict, x0, schedule, cfg, generator=torch.Generator().manual_seed(9))
+    replay = torch.Generator().manual_seed(9)  # the loss draws t, then the noise
+    t = schedule.sample_timesteps(3, replay, x0.device)
+    eps = training_noise(x0, 0.2, replay)
+    torch.testing.assert_close(out.t, t)
+    torch.testing.assert_close(seen["x_t"], schedule.add_noise(x0, eps, t), rtol=0, atol=0)
+
+
+def test_masked_loss_ignores_masked_pixels_and_matches_a_float64_reference() -> None:
+    schedule = build_schedule(DiffusionConfig(objective="flow", loss_weighting="uniform"), resolution=16)
+    cfg = DiffusionConfig(objective="flow", loss_weighting="uniform")
+    x0 = torch.randn(3, 3, 8, 8)
+    mask = (torch.rand(3, 1, 8, 8) > 0.5).float()
+    mask[2] = 0  # a sample masked everywhere adds nothing
+    prediction = torch.randn(3, 3, 8, 8)
+
+    def run(pred: Tensor):
+        return diffusion_loss(lambda x_t, t: pred, x0, schedule, cfg, generator=torch.Generator().manual_seed(1),
+                              weights=mask)
+
+    out = run(prediction)
+    changed = run(prediction + 5.0 * (1 - mask) * torch.randn(3, 3, 8, 8))  # only where the mask is 0
+    torch.testing.assert_close(changed.per_sample, out.per_sample, rtol=0, atol=0)
+    replay = torch.Generator().manual_seed(1)
+    t = schedule.sample_timesteps(3, replay, x0.device)
+    eps = training_noise(x0, 0.0, replay).double()
+    err = (prediction.double() - (eps - x0.double())) ** 2
+    w = mask.double().expand_as(err)
+    expected = (w * err).flatten(1).sum(1) / w.flatten(1).sum(1).clamp(min=1e-300)
+    torch.testing.assert_close(out.per_sample.double(), expected, rtol=1e-6, atol=0)
+    assert float(out.per_sample[2]) == 0.0
+    assert bool((out.per_sample[:2] > 0).all())
+    with pytest.raises(ValueError, match=">= 0"):
+        masked_mean(torch.ones(1, 4), -torch.ones(1, 4))

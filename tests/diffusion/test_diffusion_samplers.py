@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 
 from pipeline.diffusion.guidance import dynamic_threshold, static_threshold
-from pipeline.diffusion.samplers import (SAMPLERS, SamplerConfig, make_scheduler, sample_loop, scheduler_config)
+from pipeline.diffusion.samplers import (VP_SAMPLERS, SamplerConfig, make_scheduler, sample_loop, scheduler_config)
 from pipeline.diffusion.schedules import DiffusionConfig, NoiseSchedule, build_schedule
 from pipeline.errors import ConfigError
 
@@ -64,7 +64,7 @@ def test_sampler_config_validation() -> None:
         make_scheduler(SCHEDULE, SamplerConfig(name="ddim", steps=30))
 
 
-@pytest.mark.parametrize("name", SAMPLERS)
+@pytest.mark.parametrize("name", VP_SAMPLERS)
 @pytest.mark.parametrize("kind", TARGETS)
 def test_point_mass_is_recovered_by_every_sampler_and_target(name: str, kind: str) -> None:
     g = torch.Generator().manual_seed(3)
@@ -231,7 +231,7 @@ def test_per_image_generators_make_images_independent_of_the_batch(name: str, et
         sample_loop(gaussian_oracle(SCHEDULE), noise, SCHEDULE, "x0", cfg, generators=[torch.Generator()])
 
 
-@pytest.mark.parametrize("name", SAMPLERS)
+@pytest.mark.parametrize("name", VP_SAMPLERS)
 def test_threshold_is_applied_to_every_x0(name: str) -> None:
     point = torch.full((1, 1, 3, 3), 3.0)  # outside [-1, 1]: clamping changes the answer
     calls = []
@@ -264,7 +264,7 @@ def test_low_precision_model_output_is_sampled_in_float32() -> None:
         sample_loop(oracle, torch.randn(1, 1, 2, 2), SCHEDULE, "sample", SamplerConfig())
 
 
-@pytest.mark.parametrize("name", SAMPLERS)
+@pytest.mark.parametrize("name", VP_SAMPLERS)
 def test_scheduler_config_rebuilds_the_scheduler(name: str) -> None:
     schedule = build_schedule(DiffusionConfig(schedule="shifted_cosine"), resolution=256)
     cfg = SamplerConfig(name=name, steps=20)
@@ -337,7 +337,7 @@ def test_exported_config_keeps_swapped_schedulers_faithful(class_name: str) -> N
         assert pixel.config.clip_sample is False  # dynamic thresholding, not a clamp to [-1, 1]
 
 
-@pytest.mark.parametrize("name", [n for n in SAMPLERS if n != "heun"])
+@pytest.mark.parametrize("name", [n for n in VP_SAMPLERS if n != "heun"])
 @pytest.mark.parametrize("strength", [0.3, 0.6, 0.9])
 def test_image_to_image_start_and_result_have_the_right_statistics(name: str, strength: float) -> None:
     """SDEdit from an init image drawn from the data N(MU, STD^2): the first model input is the forward process

@@ -5,10 +5,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 
 from pipeline.models.diffusers_attention import install_attention
 from pipeline.models.unet import Conditioning, UNetConfig, build_unet
-from train_helpers import base_config
+from train_helpers import REPO, base_config
 
 TINY_UNET = {"channels": 16, "channel_mult": [1, 2], "blocks_per_level": 1, "attention_resolutions": [8],
              "head_width": 8, "norm_groups": 8}
@@ -39,3 +40,23 @@ def tiny_unet(cond: Conditioning, side: int = 8, seed: int = 0) -> torch.nn.Modu
     unet = build_unet(cfg, sample_size=side, in_channels=3, out_channels=3, cond=cond).eval()
     install_attention(unet, "sdpa")
     return unet
+
+
+def dit_demo_config(shards: Path, *, super_res: bool = False, **sections: dict[str, Any]) -> dict[str, Any]:
+    """configs/demo/dit_flow.yaml as shipped, with the test's shards and a 6-step schedule (eval/grid at 3);
+    `sections` update the sections they name."""
+    raw = yaml.safe_load((REPO / "configs" / "demo" / "dit_flow.yaml").read_text(encoding="utf-8"))
+    raw["data"].update(urls=str(shards / "train"), eval_urls=str(shards / "heldout"), num_workers=0,
+                       shuffle_buffer=16)
+    raw["train"] = {"max_steps": 6, "micro_batch_size": 4, "log_every": 1, "sample_every": 3, "ema_decay": 0.9,
+                    "seed": 0}
+    raw["eval"] = {"every_steps": 3, "max_samples": 8, "batch_size": 4}
+    raw["ckpt"] = {"every_steps": 3, "keep_last": 0}
+    raw["log"] = {"tensorboard": False, "progress_bar": False}
+    raw["model"].update(eval_prompts=4, grid_images=4)
+    raw["model"]["sampling"]["sampler"]["steps"] = 4
+    if super_res:
+        raw["model"].update(name="sr16", super_res={"low_res": 8, "level_embed_dim": 8})
+    for name, values in sections.items():
+        raw[name] = {**raw.get(name, {}), **values}
+    return raw

@@ -97,3 +97,27 @@ def test_latent_super_resolution_samples_through_the_bundle(shards, autoencoder,
     add_component(bundle, "autoencoder", {"kind": "autoencoder"})
     with pytest.raises(CheckpointError, match="trained on another autoencoder than the bundle's"):
         Text2Image.from_bundle(bundle)
+
+
+def test_latent_dit_flow_base_trains_and_samples_through_the_bundle(shards, autoencoder, tmp_path):
+    """A DiT (2x2 patches of the 4 x 4 x 4 latents) with flow matching and Flux's resolution shift: the bundle's
+    level has the DiT, the flow schedule with the shift of the 16 px output image, and samples decode to images."""
+    from diffusers import PixArtTransformer2DModel
+
+    from pipeline.diffusion.flow import FlowConfig, FlowSchedule, resolved_shift
+
+    run = tmp_path / "run"
+    model = {"backbone": "dit", "dit": {"patch_size": 2, "depth": 2, "width": 48, "heads": 2},
+             "diffusion": {"objective": "flow", "loss_weighting": "uniform", "flow": {"resolution_shift": True}},
+             "sampling": {"sampler": {"name": "flow_euler", "steps": 4}, "guidance": 3.0}}
+    assert train_inprocess(latent_config(shards, autoencoder, model=model), run) == 0
+    assert "eval/fidelity_colour" in read_metrics(run)[-1]
+    component = export_run(run, autoencoder.parent)
+    assert json.loads((component / "t2i_stage.json").read_text())["grid"] == [4, 4, 4]
+    t2i = Text2Image.from_bundle(autoencoder.parent)
+    level = t2i.levels[0]
+    assert isinstance(level.unet, PixArtTransformer2DModel) and level.unet.config.in_channels == 4
+    assert isinstance(level.schedule, FlowSchedule)
+    assert level.schedule.shift == pytest.approx(resolved_shift(FlowConfig(resolution_shift=True), 16))
+    images = t2i.generate("a large red circle on the left", num_images=2, steps=4)
+    assert images.shape == (2, 3, 16, 16) and torch.isfinite(images).all()
