@@ -52,7 +52,8 @@ class DataConfig:
     shuffle_buffer: int = doc(256, "Samples held in the shuffle buffer; 0 or 1 disables sample shuffling.")
     shuffle_shards: bool = doc(True, "Shuffle the shard order each epoch (seeded by train.seed and the epoch).")
     resampled: bool = doc(False, "Draw shards with replacement forever instead of in epochs.")
-    min_image_size: int = doc(0, "Pixels; images whose short side is smaller are skipped (counted). 0 keeps all.")
+    min_image_size: int = doc(-1, "Pixels; images whose short side is smaller are skipped (counted as "
+                                  "image_too_small). -1 = auto: 32, or the output size if smaller; 0 keeps all.")
     max_aspect_ratio: float = doc(0.0, "Long/short side ratio above which images are skipped (counted); 0 = off.")
     max_skip_fraction: float = doc(0.1, "Fraction (0-1) of skipped samples above which the run stops with an error.")
     skip_check_min_samples: int = doc(200, "Samples a loader must have seen (per worker stream and in total) before "
@@ -66,7 +67,8 @@ class DataConfig:
         check(self.shuffle_buffer >= 0, "data.shuffle_buffer", f"must be >= 0, got {self.shuffle_buffer}")
         check(0.0 <= self.max_skip_fraction <= 1.0, "data.max_skip_fraction",
               f"must be between 0 and 1, got {self.max_skip_fraction}")
-        check(self.min_image_size >= 0, "data.min_image_size", f"must be >= 0 pixels, got {self.min_image_size}")
+        check(self.min_image_size >= -1, "data.min_image_size",
+              f"must be >= 0 pixels or -1 (auto), got {self.min_image_size}")
         check(self.max_aspect_ratio == 0 or self.max_aspect_ratio >= 1, "data.max_aspect_ratio",
               f"must be 0 (off) or >= 1, got {self.max_aspect_ratio}")
         check(self.skip_check_min_samples >= 0, "data.skip_check_min_samples",

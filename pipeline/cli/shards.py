@@ -40,6 +40,9 @@ def add_parser(sub: argparse._SubParsersAction, common: argparse.ArgumentParser)
     folder.add_argument("--shard-size", type=int, default=1000, help="maximum samples per shard (default 1000)")
     folder.add_argument("--max-shard-bytes", type=int, default=0,
                         help="maximum payload bytes per shard; 0 = no limit (default 0)")
+    folder.add_argument("--max-side", type=int, default=0,
+                        help="shrink images whose long side is larger to this many pixels (never enlarges); "
+                             "0 = store every image's original bytes (default 0)")
     folder.set_defaults(handler=_run_from_folder)
     _add_precompute(kinds, common)
 
@@ -108,8 +111,9 @@ def _run_precompute(args: argparse.Namespace) -> int:
 
 
 def _run_from_folder(args: argparse.Namespace) -> int:
-    index = pack_folder(args.src, args.out, args.shard_size, args.max_shard_bytes)
-    print(f"wrote {index['num_samples']} samples in {index['num_shards']} shards to {args.out}")
+    index = pack_folder(args.src, args.out, args.shard_size, args.max_shard_bytes, args.max_side)
+    print(f"wrote {index['num_samples']} samples in {index['num_shards']} shards to {args.out}"
+          + (f" ({index['shrunk']} shrunk to --max-side {args.max_side})" if index.get("shrunk") else ""))
     skipped = index.get("skipped", {})
     if skipped:
         total = sum(skipped.values())

@@ -36,7 +36,7 @@ from pipeline.data.sources import ShardPlan, expand_shard_specs
 from pipeline.data.spec import SampleSpec
 from pipeline.data.stream import SampleDecoder, SampleStream, ShardReader, next_batch, stream_samples
 from pipeline.data.tar_reader import iter_shard
-from pipeline.data.transforms import RESERVED_KEYS
+from pipeline.data.transforms import RESERVED_KEYS, auto_min_image_size
 from pipeline.errors import DataError
 
 logger = logging.getLogger(__name__)
@@ -63,8 +63,8 @@ class _Setup:
     def decoder(self, stream: int, random_crop: bool, seed: int) -> SampleDecoder:
         d = self.data
         arrays = self.aligned.arrays if self.aligned is not None else None
-        return SampleDecoder(self.spec, d.caption_key, random_crop, d.min_image_size, d.max_aspect_ratio, seed, stream,
-                             arrays)
+        min_size = auto_min_image_size(d.min_image_size, self.spec.image_size)
+        return SampleDecoder(self.spec, d.caption_key, random_crop, min_size, d.max_aspect_ratio, seed, stream, arrays)
 
     def skip_counter(self) -> SkipCounter:
         return SkipCounter(self.data.max_skip_fraction, self.data.skip_check_min_samples)

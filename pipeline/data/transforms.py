@@ -5,6 +5,10 @@ Speed matters (the loader must never starve GPUs): JPEGs are decoded at reduced 
 images stay uint8 all the way to the device (normalised there, see spec.normalize_images), and torchvision is
 not involved.
 
+Real images are normalised on the way in: the EXIF orientation is applied (a phone photo is trained upright),
+16-bit greyscale is scaled to 8 bits (not clipped), greyscale / palette / CMYK become RGB and transparency is
+composited on white (the colour hidden under a transparent pixel is not shown).
+
 Every rejection raises :class:`SkipSample` with a reason name; the caller counts it and carries on.
 """
 from __future__ import annotations
@@ -18,12 +22,19 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from PIL import Image
+from PIL.Image import Transpose
 
 from pipeline.data.spec import SampleSpec
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")  # preference order when a sample holds several
 RESERVED_KEYS = ("image", "caption", "key")
 _ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")
+DEFAULT_MIN_IMAGE_SIZE = 32  # pixels; the short-side floor when data.min_image_size is left at -1 (auto)
+_EXIF_ORIENTATION = 0x0112
+# EXIF orientation value -> the transpose that shows the image upright (values 5..8 swap width and height).
+_ORIENT = {2: Transpose.FLIP_LEFT_RIGHT, 3: Transpose.ROTATE_180, 4: Transpose.FLIP_TOP_BOTTOM,
+           5: Transpose.TRANSPOSE, 6: Transpose.ROTATE_270, 7: Transpose.TRANSVERSE, 8: Transpose.ROTATE_90}
+_WHITE = (255, 255, 255, 255)
 
 
 class SkipSample(Exception):
@@ -37,12 +48,17 @@ class SkipSample(Exception):
 
 @dataclass(frozen=True)
 class ImageOptions:
-    """How images are checked and cropped. Sizes in pixels; max_aspect_ratio 0 = no limit."""
+    """How images are checked and cropped. Sizes in pixels; min_image_size 0 and max_aspect_ratio 0 = no limit."""
 
     size: int
     random_crop: bool
     min_image_size: int = 0
     max_aspect_ratio: float = 0.0
+
+
+def auto_min_image_size(configured: int, size: int) -> int:
+    """data.min_image_size resolved: -1 (auto) -> DEFAULT_MIN_IMAGE_SIZE, but never above the output size S."""
+    return configured if configured >= 0 else min(DEFAULT_MIN_IMAGE_SIZE, size)
 
 
 def read_caption(members: dict[str, bytes], caption_key: str) -> str:
@@ -92,6 +108,39 @@ def _crop_box(width: int, height: int, opts: ImageOptions, crop_seed: int) -> tu
     return off_x / scale, off_y / scale, (off_x + size) / scale, (off_y + size) / scale
 
 
+def exif_orientation(img: Image.Image) -> int:
+    """The EXIF orientation tag (1..8; 1 = stored upright, also when absent or unreadable)."""
+    try:
+        value = int(img.getexif().get(_EXIF_ORIENTATION, 1))
+    except (OSError, ValueError, TypeError, SyntaxError):
+        return 1  # a broken EXIF block is not a broken image
+    return value if value in _ORIENT else 1
+
+
+def upright(img: Image.Image, orientation: int) -> Image.Image:
+    """`img` turned the way its EXIF orientation says it is shown."""
+    return img.transpose(_ORIENT[orientation]) if orientation in _ORIENT else img
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Any PIL mode -> RGB (loaded): 16/32-bit greyscale scaled by 1/257 (65535 -> 255, not clipped at 255),
+    alpha and palette/greyscale transparency composited on white, L/P/CMYK/1 converted."""
+    mode = img.mode
+    if mode == "RGB":
+        img.load()
+        return img
+    if mode in ("I", "I;16", "I;16B", "I;16L", "I;16N"):
+        # PIL's own I;16 -> L conversion clips at 255: a 46% grey (30146) came out pure white.
+        grey = np.asarray(img).astype(np.int64).clip(0, 65535)
+        return Image.fromarray(((grey * 2 + 257) // 514).astype(np.uint8), "L").convert("RGB")  # round(v / 257)
+    if mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in img.info:
+        rgba = img.convert("RGBA")
+        out = Image.new("RGBA", rgba.size, _WHITE)
+        out.alpha_composite(rgba)
+        return out.convert("RGB")
+    return img.convert("RGB")
+
+
 def decode_image(data: bytes, opts: ImageOptions, crop_seed: int) -> np.ndarray:
     """Decode, filter, crop and resize one image -> uint8 array (S, S, 3), S = opts.size.
 
@@ -103,7 +152,9 @@ def decode_image(data: bytes, opts: ImageOptions, crop_seed: int) -> np.ndarray:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # e.g. palette-with-transparency or EXIF warnings: noise per sample
             img = Image.open(io.BytesIO(data))
-            width, height = img.size
+            orientation = exif_orientation(img)
+            stored_w, stored_h = img.size
+            width, height = (stored_h, stored_w) if orientation >= 5 else (stored_w, stored_h)  # as shown
             short, long = min(width, height), max(width, height)
             if short <= 0:
                 raise SkipSample("corrupt_image", f"image size {width}x{height}")
@@ -114,11 +165,8 @@ def decode_image(data: bytes, opts: ImageOptions, crop_seed: int) -> np.ndarray:
             box = _crop_box(width, height, opts, crop_seed)
             scale = opts.size / short
             # JPEG: decode at 1/2, 1/4 or 1/8 scale, never smaller than the resized (pre-crop) image.
-            img.draft("RGB", (max(1, round(width * scale)), max(1, round(height * scale))))
-            if img.mode != "RGB":
-                img = img.convert("RGB")
-            else:
-                img.load()
+            img.draft("RGB", (max(1, round(stored_w * scale)), max(1, round(stored_h * scale))))
+            img = upright(to_rgb(img), orientation)
             factor = img.size[0] / width
             box = tuple(v * factor for v in box)
             if img.size != (opts.size, opts.size) or box != (0.0, 0.0, float(opts.size), float(opts.size)):
