@@ -24,10 +24,11 @@ import torch
 from PIL import Image
 from PIL.Image import Transpose
 
+from pipeline.data.buckets import nearest_bucket
 from pipeline.data.spec import SampleSpec
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")  # preference order when a sample holds several
-RESERVED_KEYS = ("image", "caption", "key")
+RESERVED_KEYS = ("image", "caption", "key", "orig_size", "crop_top_left", "target_size")
 _ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")
 DEFAULT_MIN_IMAGE_SIZE = 32  # pixels; the short-side floor when data.min_image_size is left at -1 (auto)
 _EXIF_ORIENTATION = 0x0112
@@ -48,12 +49,35 @@ class SkipSample(Exception):
 
 @dataclass(frozen=True)
 class ImageOptions:
-    """How images are checked and cropped. Sizes in pixels; min_image_size 0 and max_aspect_ratio 0 = no limit."""
+    """How images are checked and cropped. Sizes in pixels; min_image_size 0 and max_aspect_ratio 0 = no limit.
+
+    buckets: (height, width) output shapes ordered by aspect ratio (see buckets.py); an image goes to the one of
+        nearest aspect ratio. Empty: every image becomes size x size.
+    """
 
     size: int
     random_crop: bool
     min_image_size: int = 0
     max_aspect_ratio: float = 0.0
+    buckets: tuple[tuple[int, int], ...] = ()
+
+
+@dataclass(frozen=True)
+class Crop:
+    """Where an output image came from (SDXL's size and crop conditioning), all in pixels.
+
+    orig_height/orig_width: the image as shown (after EXIF orientation), before resizing;
+    crop_top/crop_left: offset of the output inside the image resized to cover it;
+    height/width: the output (the bucket's shape); bucket: its index in ImageOptions.buckets (0 without).
+    """
+
+    bucket: int
+    orig_height: int
+    orig_width: int
+    crop_top: int
+    crop_left: int
+    height: int
+    width: int
 
 
 def auto_min_image_size(configured: int, size: int) -> int:
@@ -95,17 +119,21 @@ def image_bytes(members: dict[str, bytes]) -> bytes:
     raise SkipSample("missing_image", f"no image member (one of {', '.join(IMAGE_EXTS)})")
 
 
-def _crop_box(width: int, height: int, opts: ImageOptions, crop_seed: int) -> tuple[float, float, float, float]:
-    """Box in source pixels that becomes the S x S output after the short side is scaled to S."""
-    size = opts.size
-    scale = size / min(width, height)
-    room_x = max(0, round(width * scale) - size)  # free pixels along the long side, in output scale
-    room_y = max(0, round(height * scale) - size)
-    if opts.random_crop:
+def _crop_box(width: int, height: int, out_h: int, out_w: int, random_crop: bool,
+              crop_seed: int) -> tuple[tuple[float, float, float, float], int, int, float]:
+    """The least crop of a `width` x `height` image resized to cover out_w x out_h.
+
+    Returns (box in source pixels that becomes the output, offset x, offset y (output scale), scale).
+    For a square output the scale is out / short side, as it always was (max picks that same quotient).
+    """
+    scale = max(out_w / width, out_h / height)
+    room_x = max(0, round(width * scale) - out_w)  # free pixels along the long side, in output scale
+    room_y = max(0, round(height * scale) - out_h)
+    if random_crop:
         off_x, off_y = crop_seed % (room_x + 1), (crop_seed >> 32) % (room_y + 1)
     else:
         off_x, off_y = room_x // 2, room_y // 2
-    return off_x / scale, off_y / scale, (off_x + size) / scale, (off_y + size) / scale
+    return (off_x / scale, off_y / scale, (off_x + out_w) / scale, (off_y + out_h) / scale), off_x, off_y, scale
 
 
 def exif_orientation(img: Image.Image) -> int:
@@ -142,10 +170,16 @@ def to_rgb(img: Image.Image) -> Image.Image:
 
 
 def decode_image(data: bytes, opts: ImageOptions, crop_seed: int) -> np.ndarray:
-    """Decode, filter, crop and resize one image -> uint8 array (S, S, 3), S = opts.size.
+    """Decode, filter, crop and resize one image -> uint8 array (S, S, 3), S = opts.size (or (H, W, 3) of its
+    bucket with opts.buckets).
 
     crop_seed: 64-bit integer choosing the random crop offsets (ignored for center crops).
     """
+    return decode_with_crop(data, opts, crop_seed)[0]
+
+
+def decode_with_crop(data: bytes, opts: ImageOptions, crop_seed: int) -> tuple[np.ndarray, Crop]:
+    """decode_image, plus where the output came from (its bucket, original size and crop offsets)."""
     if not data:
         raise SkipSample("empty_image", "image member has 0 bytes")
     try:
@@ -162,16 +196,20 @@ def decode_image(data: bytes, opts: ImageOptions, crop_seed: int) -> np.ndarray:
                 raise SkipSample("image_too_small", f"{width}x{height}, short side < {opts.min_image_size}")
             if opts.max_aspect_ratio and long / short > opts.max_aspect_ratio:
                 raise SkipSample("bad_aspect_ratio", f"{width}x{height} exceeds {opts.max_aspect_ratio}")
-            box = _crop_box(width, height, opts, crop_seed)
-            scale = opts.size / short
+            if opts.buckets:
+                bucket = nearest_bucket(width, height, opts.buckets)
+                out_h, out_w = opts.buckets[bucket]
+            else:
+                bucket, out_h, out_w = 0, opts.size, opts.size
+            box, off_x, off_y, scale = _crop_box(width, height, out_h, out_w, opts.random_crop, crop_seed)
             # JPEG: decode at 1/2, 1/4 or 1/8 scale, never smaller than the resized (pre-crop) image.
             img.draft("RGB", (max(1, round(stored_w * scale)), max(1, round(stored_h * scale))))
             img = upright(to_rgb(img), orientation)
             factor = img.size[0] / width
             box = tuple(v * factor for v in box)
-            if img.size != (opts.size, opts.size) or box != (0.0, 0.0, float(opts.size), float(opts.size)):
-                img = img.resize((opts.size, opts.size), Image.BICUBIC, box=box)
-            return np.asarray(img)
+            if img.size != (out_w, out_h) or box != (0.0, 0.0, float(out_w), float(out_h)):
+                img = img.resize((out_w, out_h), Image.BICUBIC, box=box)
+            return np.asarray(img), Crop(bucket, height, width, off_y, off_x, out_h, out_w)
     except SkipSample:
         raise
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError, EOFError) as exc:
@@ -188,15 +226,15 @@ def _empty(shape: tuple[int, ...], dtype: torch.dtype, shared: bool) -> tuple[to
 
 
 def image_batch(images: list[np.ndarray], shared: bool = False) -> torch.Tensor:
-    """B uint8 arrays (S, S, 3) -> one uint8 tensor (B, 3, S, S) (channels first, not normalised).
+    """B uint8 arrays (H, W, 3) of one shape -> one uint8 tensor (B, 3, H, W) (channels first, not normalised).
 
     shared: allocate the result in shared memory, so that a DataLoader worker hands it to the training process
     without copying it once more. uint8 rather than float32 because first-touching fresh shared memory costs
     ~7 us per 4 KiB page on the development VM: a float32 batch at 256 px (50 MB for B = 64) cost as much as
     decoding its JPEGs; normalisation happens on the device (spec.normalize_images).
     """
-    size = images[0].shape[0]
-    result, out = _empty((len(images), 3, size, size), torch.uint8, shared)
+    height, width = images[0].shape[:2]
+    result, out = _empty((len(images), 3, height, width), torch.uint8, shared)
     for i, image in enumerate(images):
         out[i] = image.transpose(2, 0, 1)  # HWC -> CHW, one strided copy per image
     return result
@@ -215,18 +253,30 @@ def stack_arrays(name: str, arrays: list[np.ndarray], shared: bool = False) -> t
     return result
 
 
+def crop_batch(crops: list[Crop]) -> dict[str, torch.Tensor]:
+    """B Crops -> {"orig_size", "crop_top_left", "target_size"}: int64 (B, 2) each, (height, width) / (top, left)."""
+    def pairs(a: str, b: str) -> torch.Tensor:
+        return torch.tensor([[getattr(c, a), getattr(c, b)] for c in crops], dtype=torch.int64)
+    return {"orig_size": pairs("orig_height", "orig_width"), "crop_top_left": pairs("crop_top", "crop_left"),
+            "target_size": pairs("height", "width")}
+
+
 def collate(images: list[np.ndarray], captions: list[str], keys: list[str], spec: SampleSpec,
-            shared: bool = False, arrays: dict[str, list[np.ndarray]] | None = None) -> dict:
+            shared: bool = False, arrays: dict[str, list[np.ndarray]] | None = None,
+            crops: list[Crop] | None = None) -> dict:
     """Build the batch dict of spec.py.
 
-    images: B arrays (S, S, 3) uint8 (ignored when spec.image_size == 0).
+    images: B arrays (H, W, 3) uint8 of one shape (ignored when spec.image_size == 0).
     arrays: per name in spec.precomputed, B arrays of one shape and dtype.
+    crops: with buckets, where each image came from (adds crop_batch's three int64 (B, 2) tensors).
     shared: put the tensors in shared memory (in DataLoader workers; see image_batch).
-    Returns {"image": uint8 (B, 3, S, S), "caption", "key", **spec.tokenize(captions), name: (B, *shape)}.
+    Returns {"image": uint8 (B, 3, H, W), "caption", "key", **spec.tokenize(captions), name: (B, *shape)}.
     """
     batch: dict = {}
     if spec.image_size:
         batch["image"] = image_batch(images, shared)
+    if crops is not None:
+        batch.update(crop_batch(crops))
     batch["caption"] = captions
     batch["key"] = keys
     for name in spec.precomputed:
