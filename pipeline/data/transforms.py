@@ -206,7 +206,9 @@ def decode_with_crop(data: bytes, opts: ImageOptions, crop_seed: int) -> tuple[n
             img.draft("RGB", (max(1, round(stored_w * scale)), max(1, round(stored_h * scale))))
             img = upright(to_rgb(img), orientation)
             factor = img.size[0] / width
-            box = tuple(v * factor for v in box)
+            # (off + out) / scale can come out a rounding error past the edge, which PIL refuses: clamp.
+            box = (box[0] * factor, box[1] * factor, min(box[2] * factor, float(img.size[0])),
+                   min(box[3] * factor, float(img.size[1])))
             if img.size != (out_w, out_h) or box != (0.0, 0.0, float(out_w), float(out_h)):
                 img = img.resize((out_w, out_h), Image.BICUBIC, box=box)
             return np.asarray(img), Crop(bucket, height, width, off_y, off_x, out_h, out_w)

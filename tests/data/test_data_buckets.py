@@ -94,6 +94,22 @@ def test_resize_to_cover_and_least_crop_along_the_long_side():
     assert lefts == set(range(9))  # every offset 0..8 of the long side, and nothing else
 
 
+def test_every_size_decodes_into_every_bucket_set():
+    """No valid image is refused: (offset + side) / scale can round past the image edge, which PIL would refuse
+    (it was counted as corrupt_image before the box was clamped)."""
+    for resolution, step in ((16, 8), (32, 8), (64, 16)):
+        shapes = bucket_shapes(resolution, resolution // 2, resolution * 2, step)
+        for width in range(resolution // 2, 3 * resolution, 3):
+            for height in range(resolution // 2, 3 * resolution, 5):
+                if max(width, height) / min(width, height) > 4:
+                    continue
+                data = _png(width, height)
+                for random_crop in (False, True):
+                    image, crop = decode_with_crop(data, ImageOptions(resolution, random_crop, buckets=shapes),
+                                                   width * 7919 + height)
+                    assert image.shape == (*shapes[crop.bucket], 3)
+
+
 def _loader(urls, batch_size=4, rank=0, world_size=1, **cfg):
     cfg = {"buckets": BUCKETS, "crop": "random", **cfg}
     data = data_config(urls, **cfg)
