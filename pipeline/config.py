@@ -37,7 +37,8 @@ class BucketConfig:
     """Aspect-ratio buckets: images keep their shape instead of being cropped to squares (off by default)."""
 
     enabled: bool = doc(False, "Batch images in buckets of about equal area and different shapes; each micro-batch "
-                               "holds one bucket, a sample waits in its bucket until the bucket fills.")
+                               "holds one bucket, a sample waits in its bucket until the bucket fills (each data "
+                               "worker holds up to buckets x (micro-batch - 1) decoded images).")
     shapes: tuple[tuple[int, int], ...] = doc((), "Explicit bucket shapes as [height, width] pixel pairs; empty = "
                                                   "generate them from the stage's resolution, min/max side and step.")
     min_side: int = doc(0, "Pixels; the shortest side a generated bucket may have; 0 = half the resolution.")
