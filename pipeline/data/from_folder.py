@@ -89,6 +89,8 @@ def shrink_image(data: bytes, ext: str, max_side: int) -> bytes | None:
             scale = max_side / max(img.size)
             size = (max(1, round(img.width * scale)), max(1, round(img.height * scale)))
             fmt, options = _SAVE[ext]
+            if img.mode in ("P", "PA", "1"):  # PIL resizes these with nearest neighbour only: blocky
+                img = img.convert("RGBA" if img.mode == "PA" or "transparency" in img.info else "RGB")
             if fmt == "JPEG" and img.mode not in ("RGB", "L", "CMYK"):
                 img = img.convert("RGB")
             small = img.resize(size, Image.LANCZOS)

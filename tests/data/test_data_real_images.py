@@ -110,9 +110,13 @@ def test_from_folder_keeps_bytes_and_max_side_only_shrinks(tmp_path):
     exif[0x0112] = 6
     big = _encode(Image.new("RGB", (120, 60), RED), "JPEG", quality=90, exif=exif.tobytes())
     small = _encode(Image.new("RGBA", (30, 20), (1, 2, 3, 128)), "PNG")
+    stripes = np.zeros((50, 80, 3), np.uint8)
+    stripes[:, ::2] = RED  # one-pixel stripes: a smooth shrink gives their mean, nearest neighbour one of them
+    palette = _encode(Image.fromarray(stripes).quantize(2), "PNG")
+    (src / "palette.png").write_bytes(palette)
     (src / "big.jpg").write_bytes(big)
     (src / "small.png").write_bytes(small)
-    for stem in ("big", "small"):
+    for stem in ("big", "small", "palette"):
         (src / f"{stem}.txt").write_text(stem)
     stored = {}
     for name, extra in (("keep", []), ("shrink", ["--max-side", "40"])):
@@ -123,4 +127,6 @@ def test_from_folder_keeps_bytes_and_max_side_only_shrinks(tmp_path):
     assert stored["shrink"]["small.png"] == small  # never enlarged, never re-encoded
     shrunk = Image.open(io.BytesIO(stored["shrink"]["big.jpg"]))
     assert shrunk.size == (20, 40)  # upright first (EXIF 6 shows 60 x 120), then long side 40
-    assert json.loads((tmp_path / "shrink" / "shards.json").read_text())["shrunk"] == 1
+    shrunk_palette = np.asarray(Image.open(io.BytesIO(stored["shrink"]["palette.png"])).convert("RGB")).astype(int)
+    assert shrunk_palette.shape == (25, 40, 3) and np.abs(shrunk_palette[5:-5, 5:-5] - (128, 0, 0)).max() <= 12
+    assert json.loads((tmp_path / "shrink" / "shards.json").read_text())["shrunk"] == 2
