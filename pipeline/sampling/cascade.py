@@ -26,7 +26,7 @@ from pipeline.diffusion.objective import noise_augment
 from pipeline.diffusion.samplers import SamplerConfig, sample_loop
 from pipeline.diffusion.schedules import NoiseSchedule
 from pipeline.errors import UsageError
-from pipeline.models.unet import Conditioning, null_condition, unet_forward
+from pipeline.models.unet import Conditioning, default_sizes, null_condition, unet_forward
 
 TextEncoder = Callable[[list[str], "CascadeLevel"], tuple[torch.Tensor, torch.Tensor]]
 Progress = Callable[[int, int], None]
@@ -58,7 +58,8 @@ class CascadeLevel:
     resolution: side in pixels of this level's output image; grid: (C, H, W) of the U-Net's own sample (pixels, or
     latents for a latent level); low_res: side of the image it upsamples (0 = base level); sample_noise_level:
     noise-augmentation level of that image at sampling; decode: latents (B, C, H, W) -> images (B, 3, R, R) in
-    [-1, 1] for latent levels (None = pixel space); defaults: its own sampling settings.
+    [-1, 1] for latent levels (None = pixel space); defaults: its own sampling settings; drop_sizes: guidance's
+    unconditional branch also gets the null sizes (the stage trained with micro_conditioning.drop_with_text).
     """
 
     name: str
@@ -72,6 +73,7 @@ class CascadeLevel:
     low_res: int = 0
     sample_noise_level: float = 0.0
     decode: Callable[[torch.Tensor], torch.Tensor] | None = None
+    drop_sizes: bool = False
 
     @property
     def pixel_space(self) -> bool:
@@ -126,7 +128,9 @@ def sample_level(level: CascadeLevel, inputs: dict[str, torch.Tensor], *, settin
 
     inputs: the conditioning of :func:`pipeline.models.unet.unet_forward` ("text", "mask", and "image_embed" when
     the level uses one) plus, for a super-resolution level, "images": the previous level's output (B, 3, r, r) in
-    [-1, 1], which is noise-augmented at the level's sample_noise_level here. Guidance drops `drop_keys`.
+    [-1, 1], which is noise-augmented at the level's sample_noise_level here. A level with size conditioning
+    takes "sizes" (B, 6) and defaults to "uncropped, original = target". Guidance drops `drop_keys` (and the sizes
+    with the text when the level was trained so).
     init: the level's own grid (B, C, H, W) to start from (SDEdit image-to-image, see sample_loop) at `strength`.
     """
     settings = settings or level.defaults
@@ -141,6 +145,10 @@ def sample_level(level: CascadeLevel, inputs: dict[str, torch.Tensor], *, settin
         noise_level = torch.full((batch,), level.sample_noise_level, device=device)
         cond["low_res"] = low_res_input(inputs["images"], level, noise_level, gens)
         cond["level"] = noise_level
+    if level.cond.size_dim and "sizes" not in cond:
+        cond["sizes"] = default_sizes(batch, level.resolution, level.resolution, device=device)
+    if level.drop_sizes and "text" in drop_keys:
+        drop_keys = (*drop_keys, "sizes")
     uncond = null_condition(cond, torch.ones(batch, dtype=torch.bool, device=device), keys=drop_keys)
     dtype = next(level.unet.parameters()).dtype
     cond = {k: (v.to(dtype) if v.is_floating_point() and k != "level" else v) for k, v in cond.items()}
@@ -163,12 +171,16 @@ def sample_level(level: CascadeLevel, inputs: dict[str, torch.Tensor], *, settin
 def sample_cascade(levels: Sequence[CascadeLevel], prompts: list[str], encode_text: TextEncoder, *, seed: int = 0,
                    settings: Sequence[SamplingConfig | None] | None = None,
                    extra: dict[str, torch.Tensor] | None = None, progress: Progress | None = None,
-                   init: torch.Tensor | None = None, strength: float = 1.0) -> list[torch.Tensor]:
+                   init: torch.Tensor | None = None, strength: float = 1.0,
+                   original_size: tuple[int, int] | None = None,
+                   crop_top_left: tuple[int, int] = (0, 0)) -> list[torch.Tensor]:
     """Run every level in order; returns each level's images (B, 3, R_i, R_i) in [-1, 1] (the last is the result).
 
     encode_text(prompts, level) -> (T5 tokens (B, L, D), mask (B, L)) for that level (levels may differ in
     max_length); extra: further conditioning (e.g. "image_embed" (B, E) from the prior) given to the levels whose
-    Conditioning uses it; init/strength: the base level's image-to-image start (its own grid, see sample_level).
+    Conditioning uses it; init/strength: the base level's image-to-image start (its own grid, see sample_level);
+    original_size (height, width; default: each level's own output size) and crop_top_left (in pixels of the last
+    level's output, scaled to each level's) condition the levels trained with size conditioning.
     """
     check_chain(levels)
     settings = list(settings) if settings is not None else [None] * len(levels)
@@ -184,6 +196,11 @@ def sample_cascade(levels: Sequence[CascadeLevel], prompts: list[str], encode_te
             inputs["image_embed"] = extra["image_embed"]
         if level.low_res:
             inputs["images"] = images
+        if level.cond.size_dim:
+            scale = level.resolution / levels[-1].resolution
+            crop = (round(crop_top_left[0] * scale), round(crop_top_left[1] * scale))
+            inputs["sizes"] = default_sizes(text.shape[0], level.resolution, level.resolution,
+                                            original=original_size, crop_top_left=crop, device=text.device)
         images = sample_level(level, inputs, settings=settings[index], seed=seed, level_index=index,
                               progress=progress, init=init if index == 0 else None, strength=strength)
         outputs.append(images)

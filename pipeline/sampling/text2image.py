@@ -110,7 +110,8 @@ def _load_level(bundle: Bundle, name: str, device: torch.device, decode: Callabl
                         resolution=resolution, grid=tuple(meta["grid"]), defaults=defaults,
                         low_res=int(super_res.get("low_res", 0)),
                         sample_noise_level=float(super_res.get("sample_noise_level", 0.0)),
-                        decode=decode if meta["space"] == "latent" else None)
+                        decode=decode if meta["space"] == "latent" else None,
+                        drop_sizes=bool(model.get("micro_conditioning", {}).get("drop_with_text", False)))
 
 
 class Text2Image:
@@ -213,8 +214,13 @@ class Text2Image:
                  steps: int | None = None, sampler: str | None = None, seed: int = 0,
                  image: ImageInput | None = None, image_embeds: torch.Tensor | None = None,
                  init_image: ImageInput | None = None, strength: float = 0.6,
-                 progress: Callable[[int, int], None] | None = None) -> torch.Tensor:
-        """Images (N, 3, R, R) in [-1, 1], N = len(prompts) * num_images (prompt-major order)."""
+                 progress: Callable[[int, int], None] | None = None, original_size: tuple[int, int] | None = None,
+                 crop_top_left: tuple[int, int] = (0, 0)) -> torch.Tensor:
+        """Images (N, 3, R, R) in [-1, 1], N = len(prompts) * num_images (prompt-major order).
+
+        original_size / crop_top_left: the size conditioning of stages trained with it (default "uncropped,
+        original = target"; the crop in output pixels), see sample_cascade.
+        """
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         if not prompts or any(not p.strip() for p in prompts):
             raise UsageError("the prompt is empty: say what the image should show")
@@ -230,7 +236,8 @@ class Text2Image:
             init = self._init_grid(init_image, len(prompts))
         with torch.no_grad():
             outs = sample_cascade(self.levels, prompts, self._encode_text, seed=seed, settings=settings, extra=extra,
-                                  progress=progress, init=init, strength=strength)
+                                  progress=progress, init=init, strength=strength, original_size=original_size,
+                                  crop_top_left=crop_top_left)
         return outs[-1]
 
     def _init_grid(self, init_image: ImageInput, count: int) -> torch.Tensor:

@@ -31,7 +31,7 @@ from pipeline.errors import ConfigError, PipelineError
 from pipeline.eval.fidelity import fidelity_sums
 from pipeline.models.diffusers_attention import install_attention
 from pipeline.models.fused_norm import install_fused_norm
-from pipeline.models.unet import Conditioning, build_unet, null_condition, unet_forward
+from pipeline.models.unet import Conditioning, build_unet, default_sizes, null_condition, unet_forward
 from pipeline.sampling.cascade import CascadeLevel, SamplingConfig, low_res_input, sample_level
 from pipeline.stages.autoencoder import load_codec
 from pipeline.stages.unet_config import UNetStageConfig, _is_local, autoencoder_geometry, text_encoder_dim
@@ -50,15 +50,17 @@ def guidance_dropout(inputs: dict[str, torch.Tensor], mcfg: UNetStageConfig,
     (`image_embed.drop_prob`), the text alone (`image_embed.text_drop_prob`: DALL-E 2 variations). Independent drops
     of text and embedding alone would leave the unconditional branch the product of the two (1% at 0.1 each), too
     rare to learn: guidance then extrapolated from a poor unconditional model (measured on the demo: no gain at
-    scale 3, a loss at 5).
+    scale 3, a loss at 5). Size/crop conditioning is dropped with the text only when
+    `micro_conditioning.drop_with_text` says so.
     """
     batch = inputs["text"].shape[0]
     embed = bool(mcfg.image_embed.dim)
+    text = ("text", "sizes") if mcfg.micro_conditioning.drop_with_text else ("text",)
     inputs = null_condition(inputs, cfg_drop(batch, mcfg.cond_drop_prob, device),
-                            keys=("text", "image_embed") if embed else ("text",))
+                            keys=(*text, "image_embed") if embed else text)
     if embed:
         inputs = null_condition(inputs, cfg_drop(batch, mcfg.image_embed.drop_prob, device), keys=("image_embed",))
-        inputs = null_condition(inputs, cfg_drop(batch, mcfg.image_embed.text_drop_prob, device), keys=("text",))
+        inputs = null_condition(inputs, cfg_drop(batch, mcfg.image_embed.text_drop_prob, device), keys=text)
     return inputs
 
 
@@ -89,6 +91,9 @@ class UNetStage(Stage):
                 raise ConfigError(f"data.resolution ({self.resolution}) / the autoencoder's factor {factor} must be "
                                   f"a whole latent side divisible by 2^{levels - 1}")
             self.grid = (channels, self.resolution // factor, self.resolution // factor)
+        if self.mcfg.micro_conditioning.enabled and not cfg.data.buckets.enabled:
+            raise ConfigError("model.micro_conditioning.enabled needs data.buckets.enabled: only the bucketed loader "
+                              "records each image's original size and crop")
         self.t5_dim: int | None = None  # known once the T5 (or the first precomputed batch) is seen
 
     # ------------------------------------------------------------------------------------------ build
@@ -113,11 +118,12 @@ class UNetStage(Stage):
         return paths
 
     def conditioning(self, text_dim: int) -> Conditioning:
-        sr = self.mcfg.super_res
+        sr, micro = self.mcfg.super_res, self.mcfg.micro_conditioning
         return Conditioning(text_dim=text_dim, pooled_text=self.mcfg.unet.pooled_text,
                             image_embed_dim=self.mcfg.image_embed.dim,
                             level_dim=sr.level_embed_dim if sr.low_res else 0,
-                            low_res_channels=3 if sr.low_res else 0)
+                            low_res_channels=3 if sr.low_res else 0,
+                            size_dim=micro.embed_dim if micro.enabled else 0)
 
     def _text_dim(self) -> int:
         if self.t5_dim is None:
@@ -190,7 +196,17 @@ class UNetStage(Stage):
             gens = None if generator is None else [generator] * batch_size  # drawn in turn, image by image
             inputs["low_res"] = low_res_input(self._low_res(images), self.sampler(None), level, gens).to(images.dtype)
             inputs["level"] = level
+        if self.mcfg.micro_conditioning.enabled:
+            inputs["sizes"] = self._sizes(batch, images)
         return inputs
+
+    def _sizes(self, batch: dict, images: torch.Tensor) -> torch.Tensor:
+        """(B, 6) int64 original size, crop and target size of the batch images: the bucketed loader's record, or
+        (evaluation batches, which carry none) "uncropped, original = target" as at sampling."""
+        if "orig_size" not in batch:
+            return default_sizes(images.shape[0], images.shape[-2], images.shape[-1], device=self.ctx.device)
+        parts = [batch[k] for k in ("orig_size", "crop_top_left", "target_size")]
+        return torch.cat(parts, dim=1).to(self.ctx.device, non_blocking=True)
 
     # ----------------------------------------------------------------------------------------- train
     def training_step(self, models: Mapping[str, nn.Module], frozen: Mapping[str, nn.Module], batch: dict,
@@ -213,12 +229,15 @@ class UNetStage(Stage):
         return CascadeLevel(name=self.mcfg.name, unet=unet, cond=self.conditioning(self._text_dim()),
                             schedule=self.schedule, target=self.mcfg.diffusion.target, resolution=self.resolution,
                             grid=self.grid, defaults=settings or self.mcfg.sampling, low_res=sr.low_res,
-                            sample_noise_level=sr.sample_noise_level, decode=decode)
+                            sample_noise_level=sr.sample_noise_level, decode=decode,
+                            drop_sizes=self.mcfg.micro_conditioning.drop_with_text)
 
     def _sample_for(self, unet: nn.Module, frozen: Mapping[str, nn.Module], batch: dict, guidance: float,
                     seed: int) -> torch.Tensor:
         """Images (B, 3, R, R) in [-1, 1] for the batch's captions (and low-res images for super-resolution)."""
-        inputs = {k: v for k, v in self._inputs(frozen, batch, train=False).items() if k not in ("low_res", "level")}
+        # sizes left out too: grids and fidelity sample with the sampling default, as a user does
+        inputs = {k: v for k, v in self._inputs(frozen, batch, train=False).items()
+                  if k not in ("low_res", "level", "sizes")}
         if self.mcfg.super_res.low_res:
             inputs["images"] = self._low_res(batch["image"])
         settings = SamplingConfig(sampler=self.mcfg.sampling.sampler, guidance=guidance,

@@ -60,6 +60,23 @@ class ImageEmbedConfig:
 
 
 @dataclass(frozen=True)
+class MicroConditioningConfig:
+    """SDXL size and crop conditioning: the U-Net sees each training image's original size, crop and target size
+    (pipeline/models/unet.py, "sizes"), so at sampling "uncropped, original = target" asks for whole framing."""
+
+    enabled: bool = doc(False, "Condition on original height/width, crop top/left and target height/width (needs "
+                               "data.buckets.enabled: the bucketed loader records them).")
+    embed_dim: int = doc(32, "Width of the sinusoidal features of each of the six pixel counts (6 x this are added "
+                             "to the class vector).")
+    drop_with_text: bool = doc(False, "Replace the sizes by the null sizes (zeros) whenever the text is dropped for "
+                                      "guidance, so guidance also pushes towards them; off (SDXL): kept in both "
+                                      "branches.")
+
+    def __post_init__(self) -> None:
+        check(self.embed_dim >= 2, "model.micro_conditioning.embed_dim", f"must be >= 2, got {self.embed_dim}")
+
+
+@dataclass(frozen=True)
 class UNetStageConfig:
     """The `model:` section of a `stage: unet` config."""
 
@@ -84,6 +101,8 @@ class UNetStageConfig:
                                      "guidance training).")
     super_res: SuperResConfig = doc(SuperResConfig(), "Super-resolution settings (low_res 0 = base stage).")
     image_embed: ImageEmbedConfig = doc(ImageEmbedConfig(), "CLIP image-embedding (unCLIP) conditioning.")
+    micro_conditioning: MicroConditioningConfig = doc(MicroConditioningConfig(),
+                                                      "SDXL size and crop conditioning (off by default).")
     sampling: SamplingConfig = doc(SamplingConfig(), "Default sampling settings (grids, evaluation, export).")
     eval_prompts: int = doc(0, "Held-out captions per evaluation whose samples are scored for prompt fidelity "
                                "(per run, in evaluation batches; 0 = off). The checker reads only the synthetic "
