@@ -22,6 +22,7 @@ from torch import nn
 from pipeline.bundle import STAGE_META, describe_files, read_index
 from pipeline.config import Config
 from pipeline.config_schema import to_dict
+from pipeline.data.buckets import resolve_shapes
 from pipeline.data.spec import SampleSpec
 from pipeline.data.synthetic import parse_caption
 from pipeline.diffusion.objective import cfg_drop, diffusion_loss, random_levels, stratified_timesteps
@@ -94,6 +95,8 @@ class UNetStage(Stage):
         if self.mcfg.micro_conditioning.enabled and not cfg.data.buckets.enabled:
             raise ConfigError("model.micro_conditioning.enabled needs data.buckets.enabled: only the bucketed loader "
                               "records each image's original size and crop")
+        # the output shapes this stage trains on, recorded in the bundle so that sampling can refuse the others
+        self.buckets = resolve_shapes(cfg.data.buckets, self.resolution) if cfg.data.buckets.enabled else ()
         self.t5_dim: int | None = None  # known once the T5 (or the first precomputed batch) is seen
 
     # ------------------------------------------------------------------------------------------ build
@@ -230,7 +233,7 @@ class UNetStage(Stage):
                             schedule=self.schedule, target=self.mcfg.diffusion.target, resolution=self.resolution,
                             grid=self.grid, defaults=settings or self.mcfg.sampling, low_res=sr.low_res,
                             sample_noise_level=sr.sample_noise_level, decode=decode,
-                            drop_sizes=self.mcfg.micro_conditioning.drop_with_text)
+                            drop_sizes=self.mcfg.micro_conditioning.drop_with_text, buckets=self.buckets)
 
     def _sample_for(self, unet: nn.Module, frozen: Mapping[str, nn.Module], batch: dict, guidance: float,
                     seed: int) -> torch.Tensor:
@@ -343,6 +346,7 @@ class UNetStage(Stage):
         (out_dir / "scheduler").mkdir(parents=True, exist_ok=True)
         (out_dir / "scheduler" / "scheduler_config.json").write_text(json.dumps(scheduler, indent=2) + "\n")
         stage = {"name": mcfg.name, "space": mcfg.space, "resolution": self.resolution, "grid": list(self.grid),
+                 "buckets": [list(s) for s in self.sampler(None).shapes],
                  "conditioning": self.conditioning(self._text_dim()).__dict__, "model": to_dict(mcfg)}
         if mcfg.space == "latent":  # which autoencoder the latents belong to: the bundle's must be this one
             stage["autoencoder_sha256"] = autoencoder_digest(mcfg.autoencoder)
