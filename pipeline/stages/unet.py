@@ -12,6 +12,7 @@ the held-out captions with and without guidance (synthetic-style captions only; 
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 
@@ -97,7 +98,30 @@ class UNetStage(Stage):
                               "records each image's original size and crop")
         # the output shapes this stage trains on, recorded in the bundle so that sampling can refuse the others
         self.buckets = resolve_shapes(cfg.data.buckets, self.resolution) if cfg.data.buckets.enabled else ()
+        self._check_buckets(levels)
         self.t5_dim: int | None = None  # known once the T5 (or the first precomputed batch) is seen
+
+    def _check_buckets(self, levels: int) -> None:
+        """Every bucket must be whole latent cells that the U-Net's down-sampling divides, and (super-resolution)
+        scale to a whole low-resolution image: the same bucket at the previous stage's resolution."""
+        factor = self.resolution // self.grid[1]  # pixels per latent cell (1 in pixel space)
+        low = self.mcfg.super_res.low_res
+        divisor = factor * 2 ** (levels - 1)
+        for height, width in self.buckets:
+            if height % divisor or width % divisor:
+                raise ConfigError(f"data.buckets: bucket {height}x{width} is not divisible by {divisor} (autoencoder "
+                                  f"factor {factor} x 2^{levels - 1} U-Net down-samplings); choose a step (or "
+                                  "shapes) that it divides")
+            multiple = self.resolution // math.gcd(low, self.resolution) if low else 1
+            if height % multiple or width % multiple:
+                raise ConfigError(f"data.buckets: bucket {height}x{width} at {self.resolution} px is no whole image "
+                                  f"at the low resolution {low} px (model.super_res.low_res); choose a step (or "
+                                  f"shapes) that {multiple} divides")
+
+    def _grid_shape(self, images: torch.Tensor) -> tuple[int, int]:
+        """(h, w) of the U-Net's sample for images (B, 3, H, W): the pixels, or the latent cells."""
+        factor = self.resolution // self.grid[1]
+        return images.shape[-2] // factor, images.shape[-1] // factor
 
     # ------------------------------------------------------------------------------------------ build
     def sample_spec(self) -> SampleSpec:
@@ -173,10 +197,12 @@ class UNetStage(Stage):
         return {"text": text, "mask": mask}
 
     def _low_res(self, images: torch.Tensor) -> torch.Tensor:
-        """The batch images (B, 3, R, R) downsampled to the low resolution (antialiased bicubic, like the loader's
-        PIL resize that made the previous stage's training images)."""
+        """The batch images (B, 3, H, W) downsampled by low_res / R: the same bucket at the previous stage's
+        resolution (antialiased bicubic, like the loader's PIL resize that made the previous stage's training
+        images)."""
         low = self.mcfg.super_res.low_res
-        return F.interpolate(images.float(), size=(low, low), mode="bicubic", antialias=True,
+        size = (images.shape[-2] * low // self.resolution, images.shape[-1] * low // self.resolution)
+        return F.interpolate(images.float(), size=size, mode="bicubic", antialias=True,
                              align_corners=False).clamp(-1.0, 1.0)
 
     def _inputs(self, frozen: Mapping[str, nn.Module], batch: dict, train: bool,
@@ -197,7 +223,8 @@ class UNetStage(Stage):
             level = (random_levels(batch_size, sr.max_train_noise_level, self.ctx.device) if train
                      else torch.full((batch_size,), sr.sample_noise_level, device=self.ctx.device))
             gens = None if generator is None else [generator] * batch_size  # drawn in turn, image by image
-            inputs["low_res"] = low_res_input(self._low_res(images), self.sampler(None), level, gens).to(images.dtype)
+            inputs["low_res"] = low_res_input(self._low_res(images), self.sampler(None), level, gens,
+                                              size=self._grid_shape(images)).to(images.dtype)
             inputs["level"] = level
         if self.mcfg.micro_conditioning.enabled:
             inputs["sizes"] = self._sizes(batch, images)
@@ -237,7 +264,8 @@ class UNetStage(Stage):
 
     def _sample_for(self, unet: nn.Module, frozen: Mapping[str, nn.Module], batch: dict, guidance: float,
                     seed: int) -> torch.Tensor:
-        """Images (B, 3, R, R) in [-1, 1] for the batch's captions (and low-res images for super-resolution)."""
+        """Images (B, 3, H, W) in [-1, 1], the batch images' shape, for the batch's captions (and low-res images
+        for super-resolution)."""
         # sizes left out too: grids and fidelity sample with the sampling default, as a user does
         inputs = {k: v for k, v in self._inputs(frozen, batch, train=False).items()
                   if k not in ("low_res", "level", "sizes")}
@@ -247,7 +275,8 @@ class UNetStage(Stage):
                                   guidance_rescale=self.mcfg.sampling.guidance_rescale,
                                   dynamic_threshold=self.mcfg.sampling.dynamic_threshold)
         decode = frozen["autoencoder"].decode if self.mcfg.space == "latent" else None
-        return sample_level(self.sampler(unet, decode=decode), inputs, settings=settings, seed=seed)
+        return sample_level(self.sampler(unet, decode=decode), inputs, settings=settings, seed=seed,
+                            shape=tuple(batch["image"].shape[-2:]))
 
     def sample_images(self, models: Mapping[str, nn.Module], frozen: Mapping[str, nn.Module], seed: int,
                       batch: dict | None = None) -> torch.Tensor | None:
