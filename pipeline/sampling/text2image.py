@@ -233,23 +233,30 @@ class Text2Image:
         if num_images < 1:
             raise UsageError(f"--num-images must be >= 1, got {num_images}")
         settings = self._settings(guidance, steps, sampler)
-        shape = None
-        if height is not None or width is not None:
-            side = self.levels[-1].resolution
-            shape = (height or side, width or side)
-            base_shape = cascade_shapes(self.levels, *shape)[0]  # fails before any model runs
+        shape = self._shape(height, width)
         prompts = [p for p in prompts for _ in range(num_images)]
         extra = self._image_embeds(prompts, seed, image, image_embeds)
         init = None
         if init_image is not None:
             if not 0.0 < strength <= 1.0:
                 raise UsageError(f"--strength must be in (0, 1], got {strength}")
-            init = self._init_grid(init_image, len(prompts), base_shape if shape else None)
+            base_shape = cascade_shapes(self.levels, *shape)[0] if shape else None
+            init = self._init_grid(init_image, len(prompts), base_shape)
         with torch.no_grad():
             outs = sample_cascade(self.levels, prompts, self._encode_text, seed=seed, settings=settings, extra=extra,
                                   progress=progress, init=init, strength=strength, original_size=original_size,
                                   crop_top_left=crop_top_left, shape=shape)
         return outs[-1]
+
+    def _shape(self, height: int | None, width: int | None) -> tuple[int, int] | None:
+        """The final (height, width) asked for (one given: the other is the last stage's resolution), checked
+        against the cascade's buckets before any model runs; None: the resolution square."""
+        if height is None and width is None:
+            return None
+        side = self.levels[-1].resolution
+        shape = (side if height is None else height, side if width is None else width)
+        cascade_shapes(self.levels, *shape)
+        return shape
 
     def _init_grid(self, init_image: ImageInput, count: int, shape: tuple[int, int] | None = None) -> torch.Tensor:
         """The base stage's own grid of an init image: pixels of `shape` (default: its resolution square), or
@@ -267,17 +274,19 @@ class Text2Image:
 
     def variations(self, image: ImageInput, *, num_images: int = 4, seed: int = 0, guidance: float | None = None,
                    steps: int | None = None, sampler: str | None = None,
-                   progress: Callable[[int, int], None] | None = None) -> torch.Tensor:
-        """DALL-E 2 variations: images (N, 3, R, R) in [-1, 1] from `image`'s CLIP image embedding alone (the text
-        is the null condition; guidance acts on the image embedding)."""
+                   progress: Callable[[int, int], None] | None = None, height: int | None = None,
+                   width: int | None = None) -> torch.Tensor:
+        """DALL-E 2 variations: images (N, 3, H, W) in [-1, 1] from `image`'s CLIP image embedding alone (the text
+        is the null condition; guidance acts on the image embedding); height / width as in :meth:`generate`."""
         if num_images < 1:
             raise UsageError(f"--num-images must be >= 1, got {num_images}")
         settings = self._settings(guidance, steps, sampler)
+        shape = self._shape(height, width)
         extra = self._image_embeds(["variation"] * num_images, seed, image, None)
         encode = lambda prompts, level: self._encode_text(None, level, len(prompts))  # noqa: E731
         with torch.no_grad():
             return sample_cascade(self.levels, [""] * num_images, encode, seed=seed, settings=settings, extra=extra,
-                                  progress=progress)[-1]
+                                  progress=progress, shape=shape)[-1]
 
     def interpolate(self, prompt: str, start: ImageInput | torch.Tensor, end: ImageInput | torch.Tensor, *,
                     frames: int = 5, seed: int = 0, **kwargs) -> list[Image.Image]:
@@ -319,7 +328,7 @@ def sample_to_file(bundle: Path, prompt: str | None, out: Path, *, num_images: i
         if init_image is not None:
             raise UsageError("--init-image needs a --prompt")
         images = to_pil(t2i.variations(image, num_images=num_images, seed=seed, guidance=guidance, steps=steps,
-                                       sampler=sampler, progress=progress))
+                                       sampler=sampler, progress=progress, height=height, width=width))
     else:
         images = t2i(prompt, num_images=num_images, guidance=guidance, steps=steps, sampler=sampler, seed=seed,
                      image=image, init_image=init_image, strength=strength, progress=progress, height=height,

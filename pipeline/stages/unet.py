@@ -99,6 +99,10 @@ class UNetStage(Stage):
         # the output shapes this stage trains on, recorded in the bundle so that sampling can refuse the others
         self.buckets = resolve_shapes(cfg.data.buckets, self.resolution) if cfg.data.buckets.enabled else ()
         self._check_buckets(levels)
+        if self.buckets and self.mcfg.space == "latent" and self.mcfg.latent_source == "precomputed":
+            # `shards precompute --encoder latents:` stores centre-square latents, not the bucket's crop
+            raise ConfigError("model.latent_source: precomputed latents are centre squares and cannot train with "
+                              "data.buckets (not supported yet); use latent_source: encoder")
         self.t5_dim: int | None = None  # known once the T5 (or the first precomputed batch) is seen
 
     def _check_buckets(self, levels: int) -> None:

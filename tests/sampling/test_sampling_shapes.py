@@ -68,6 +68,11 @@ def test_bundle_records_buckets_and_generate_makes_each_of_them(bucketed):
         assert not torch.allclose(images[0], images[1])
     with pytest.raises(UsageError, match=r"cannot make 16x30 .*nearest valid: 12x20, 8x24, 8x28$"):
         t2i.generate(PROMPT, steps=2, height=16, width=30)
+    with pytest.raises(UsageError, match="must be positive"):
+        t2i.generate(PROMPT, steps=2, height=0, width=16)
+    init = Image.new("RGB", (64, 20), (255, 0, 0))  # image-to-image from a wide image at a wide shape
+    edited = t2i.generate(PROMPT, steps=2, height=8, width=24, init_image=init, strength=0.5)
+    assert edited.shape == (1, 3, 8, 24)
 
 
 def test_cli_height_and_width(bucketed, tmp_path, capsys):
