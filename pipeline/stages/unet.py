@@ -12,7 +12,6 @@ the held-out captions with and without guidance (synthetic-style captions only; 
 from __future__ import annotations
 
 import json
-import math
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 
@@ -36,7 +35,8 @@ from pipeline.models.fused_norm import install_fused_norm
 from pipeline.models.unet import Conditioning, build_unet, default_sizes, null_condition, unet_forward
 from pipeline.sampling.cascade import CascadeLevel, SamplingConfig, low_res_input, sample_level
 from pipeline.stages.autoencoder import load_codec
-from pipeline.stages.unet_config import UNetStageConfig, _is_local, autoencoder_geometry, text_encoder_dim
+from pipeline.stages.unet_config import (UNetStageConfig, _is_local, autoencoder_geometry, check_buckets,
+                                        text_encoder_dim)
 from pipeline.text.t5 import FrozenT5Encoder, T5Tokenize, save_t5
 from pipeline.train.stage import EvalSums, MetricSums, Stage, StageContext, StepOutput
 
@@ -98,29 +98,13 @@ class UNetStage(Stage):
                               "records each image's original size and crop")
         # the output shapes this stage trains on, recorded in the bundle so that sampling can refuse the others
         self.buckets = resolve_shapes(cfg.data.buckets, self.resolution) if cfg.data.buckets.enabled else ()
-        self._check_buckets(levels)
+        check_buckets(self.buckets, self.resolution, self.resolution // self.grid[1], levels,
+                      self.mcfg.super_res.low_res)
         if self.buckets and self.mcfg.space == "latent" and self.mcfg.latent_source == "precomputed":
             # `shards precompute --encoder latents:` stores centre-square latents, not the bucket's crop
             raise ConfigError("model.latent_source: precomputed latents are centre squares and cannot train with "
                               "data.buckets (not supported yet); use latent_source: encoder")
         self.t5_dim: int | None = None  # known once the T5 (or the first precomputed batch) is seen
-
-    def _check_buckets(self, levels: int) -> None:
-        """Every bucket must be whole latent cells that the U-Net's down-sampling divides, and (super-resolution)
-        scale to a whole low-resolution image: the same bucket at the previous stage's resolution."""
-        factor = self.resolution // self.grid[1]  # pixels per latent cell (1 in pixel space)
-        low = self.mcfg.super_res.low_res
-        divisor = factor * 2 ** (levels - 1)
-        for height, width in self.buckets:
-            if height % divisor or width % divisor:
-                raise ConfigError(f"data.buckets: bucket {height}x{width} is not divisible by {divisor} (autoencoder "
-                                  f"factor {factor} x 2^{levels - 1} U-Net down-samplings); choose a step (or "
-                                  "shapes) that it divides")
-            multiple = self.resolution // math.gcd(low, self.resolution) if low else 1
-            if height % multiple or width % multiple:
-                raise ConfigError(f"data.buckets: bucket {height}x{width} at {self.resolution} px is no whole image "
-                                  f"at the low resolution {low} px (model.super_res.low_res); choose a step (or "
-                                  f"shapes) that {multiple} divides")
 
     def _grid_shape(self, images: torch.Tensor) -> tuple[int, int]:
         """(h, w) of the U-Net's sample for images (B, 3, H, W): the pixels, or the latent cells."""

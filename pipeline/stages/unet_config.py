@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -170,3 +171,21 @@ def autoencoder_geometry(path: str) -> tuple[int, int, int]:
     if cfg.stage != "autoencoder":
         raise ConfigError(f"model.autoencoder: {path} is a {cfg.stage!r} run, not an autoencoder run")
     return cfg.model.autoencoder.latent_channels, cfg.model.autoencoder.factor, cfg.data.resolution
+
+
+def check_buckets(buckets: tuple[tuple[int, int], ...], resolution: int, factor: int, levels: int,
+                  low_res: int) -> None:
+    """ConfigError unless every (height, width) bucket is whole latent cells (autoencoder factor; 1 in pixel space)
+    that the U-Net's 2^(levels-1) down-sampling divides, and (super-resolution) scales by low_res / resolution to
+    a whole low-resolution image: the same bucket at the previous stage's resolution."""
+    divisor = factor * 2 ** (levels - 1)
+    multiple = resolution // math.gcd(low_res, resolution) if low_res else 1
+    for height, width in buckets:
+        if height % divisor or width % divisor:
+            raise ConfigError(f"data.buckets: bucket {height}x{width} is not divisible by {divisor} (autoencoder "
+                              f"factor {factor} x 2^{levels - 1} U-Net down-samplings); choose a step (or shapes) "
+                              "that it divides")
+        if height % multiple or width % multiple:
+            raise ConfigError(f"data.buckets: bucket {height}x{width} at {resolution} px is no whole image at the "
+                              f"low resolution {low_res} px (model.super_res.low_res); choose a step (or shapes) "
+                              f"that {multiple} divides")
