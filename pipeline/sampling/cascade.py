@@ -207,6 +207,10 @@ def sample_cascade(levels: Sequence[CascadeLevel], prompts: list[str], encode_te
     level's output, scaled to each level's) condition the levels trained with size conditioning.
     """
     check_chain(levels)
+    if original_size is not None and (len(original_size) != 2 or min(original_size) < 1):
+        raise UsageError(f"original_size must be (height, width) in pixels >= 1, got {original_size}")
+    if len(crop_top_left) != 2 or min(crop_top_left) < 0:
+        raise UsageError(f"crop_top_left must be (top, left) in pixels >= 0, got {crop_top_left}")
     shapes = cascade_shapes(levels, *shape) if shape is not None else [None] * len(levels)
     settings = list(settings) if settings is not None else [None] * len(levels)
     outputs: list[torch.Tensor] = []

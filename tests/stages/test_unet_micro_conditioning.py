@@ -15,7 +15,7 @@ import pipeline.sampling.cascade as cascade
 from pipeline.cli.main import main
 from pipeline.diffusion.samplers import SamplerConfig
 from pipeline.diffusion.schedules import DiffusionConfig, build_schedule
-from pipeline.errors import ConfigError
+from pipeline.errors import ConfigError, UsageError
 from pipeline.export import export_run
 from pipeline.models.unet import (Conditioning, class_vector, default_sizes, null_condition, size_embedding,
                                   unet_forward)
@@ -122,3 +122,5 @@ def test_bucketed_demo_with_micro_conditioning_trains_exports_and_samples(tmp_pa
     cropped = t2i.generate(prompt, steps=2, seed=0, original_size=(9, 32), crop_top_left=(0, 5))
     torch.testing.assert_close(default, same, atol=0, rtol=0)
     assert default.shape == (1, 3, 16, 16) and (cropped - default).abs().max() > 1e-4
+    with pytest.raises(UsageError, match="crop_top_left must be"):
+        t2i.generate(prompt, steps=2, crop_top_left=(-1, 0))
