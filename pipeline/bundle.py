@@ -7,7 +7,8 @@ Layout (each component is what its users' library loads directly)::
     prior/         diffusers PriorTransformer folder + scheduler config + t2i_prior.json (PRIOR_META)
     autoencoder/   diffusers AutoencoderKL / VQModel folder (scaling_factor, shift_factor in its config)
     unet_<name>/   diffusers UNet2DConditionModel (or PixArtTransformer2DModel, backbone dit) folder + scheduler
-                   config + t2i_stage.json (STAGE_META)
+                   config + t2i_stage.json (STAGE_META: also "buckets", the [height, width] output shapes the stage
+                   was trained on and samples)
     bundle.json    format version, every component (its stage, checkpoint, step, EMA, dtype, the size and
                    sha256 of every file) and the cascade: the unet components in order of resolution with each
                    stage's resolution, space and default sampling settings

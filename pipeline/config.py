@@ -33,6 +33,31 @@ ShardSpec = str | tuple[str, ...]
 
 
 @dataclass(frozen=True)
+class BucketConfig:
+    """Aspect-ratio buckets: images keep their shape instead of being cropped to squares (off by default)."""
+
+    enabled: bool = doc(False, "Batch images in buckets of about equal area and different shapes; each micro-batch "
+                               "holds one bucket, a sample waits in its bucket until the bucket fills (each data "
+                               "worker holds up to buckets x (micro-batch - 1) decoded images).")
+    shapes: tuple[tuple[int, int], ...] = doc((), "Explicit bucket shapes as [height, width] pixel pairs; empty = "
+                                                  "generate them from the stage's resolution, min/max side and step.")
+    min_side: int = doc(0, "Pixels; the shortest side a generated bucket may have; 0 = half the resolution.")
+    max_side: int = doc(0, "Pixels; the longest side a generated bucket may have; 0 = twice the resolution.")
+    step: int = doc(8, "Pixels; every generated side is a multiple of this. Choose one that every stage's "
+                       "down-sampling divides (e.g. 8 for a pixel U-Net with 3 down-samplings, 64 for a latent "
+                       "f8 U-Net with 3); the resolution must be a multiple of it.")
+
+    def __post_init__(self) -> None:
+        check(self.step > 0, "data.buckets.step", f"must be a positive pixel count, got {self.step}")
+        check(self.min_side >= 0 and self.max_side >= 0, "data.buckets.min_side/max_side",
+              f"must be >= 0 pixels, got {self.min_side}/{self.max_side}")
+        check(not self.min_side or not self.max_side or self.min_side <= self.max_side, "data.buckets.min_side",
+              f"must be <= max_side, got {self.min_side} > {self.max_side}")
+        check(all(h > 0 and w > 0 for h, w in self.shapes), "data.buckets.shapes",
+              f"must be positive [height, width] pairs, got {list(self.shapes)}")
+
+
+@dataclass(frozen=True)
 class DataConfig:
     """Where samples come from and how they are turned into tensors."""
 
@@ -46,14 +71,20 @@ class DataConfig:
     eval_precomputed_urls: ShardSpec = doc("", "Precomputed-conditioning shards aligned with `eval_urls`, same rules "
                                            "as `precomputed_urls`.")
     resolution: int = doc(64, "Side length in pixels that images are resized and cropped to.")
-    crop: Literal["random", "center"] = doc("random", "Crop after the short side is resized to `resolution`.")
+    crop: Literal["random", "center"] = doc("random", "Crop after the short side is resized to `resolution` (with "
+                                                      "buckets: the offset along the long side of the bucket).")
+    buckets: BucketConfig = doc(BucketConfig(), "Aspect-ratio buckets for training batches (evaluation stays "
+                                                "square, centre-cropped).")
     caption_key: str = doc("txt", "Caption source: 'txt' reads KEY.txt; 'json:FIELD' reads FIELD of KEY.json.")
     num_workers: int = doc(2, "DataLoader worker processes per rank; 0 loads in the training process.")
     shuffle_buffer: int = doc(256, "Samples held in the shuffle buffer; 0 or 1 disables sample shuffling.")
     shuffle_shards: bool = doc(True, "Shuffle the shard order each epoch (seeded by train.seed and the epoch).")
     resampled: bool = doc(False, "Draw shards with replacement forever instead of in epochs.")
-    min_image_size: int = doc(0, "Pixels; images whose short side is smaller are skipped (counted). 0 keeps all.")
-    max_aspect_ratio: float = doc(0.0, "Long/short side ratio above which images are skipped (counted); 0 = off.")
+    min_image_size: int = doc(-1, "Pixels; images whose short side is smaller are skipped (counted as "
+                                  "image_too_small). -1 = auto: 32, or the output size if smaller; with buckets the "
+                                  "smallest bucket's short side; 0 keeps all.")
+    max_aspect_ratio: float = doc(0.0, "Long/short side ratio above which images are skipped (counted as "
+                                        "bad_aspect_ratio); 0 = off, with buckets: 1.2 x the widest bucket's ratio.")
     max_skip_fraction: float = doc(0.1, "Fraction (0-1) of skipped samples above which the run stops with an error.")
     skip_check_min_samples: int = doc(200, "Samples a loader must have seen (per worker stream and in total) before "
                                            "`max_skip_fraction` is enforced; a few early failures prove nothing.")
@@ -66,7 +97,8 @@ class DataConfig:
         check(self.shuffle_buffer >= 0, "data.shuffle_buffer", f"must be >= 0, got {self.shuffle_buffer}")
         check(0.0 <= self.max_skip_fraction <= 1.0, "data.max_skip_fraction",
               f"must be between 0 and 1, got {self.max_skip_fraction}")
-        check(self.min_image_size >= 0, "data.min_image_size", f"must be >= 0 pixels, got {self.min_image_size}")
+        check(self.min_image_size >= -1, "data.min_image_size",
+              f"must be >= 0 pixels or -1 (auto), got {self.min_image_size}")
         check(self.max_aspect_ratio == 0 or self.max_aspect_ratio >= 1, "data.max_aspect_ratio",
               f"must be 0 (off) or >= 1, got {self.max_aspect_ratio}")
         check(self.skip_check_min_samples >= 0, "data.skip_check_min_samples",

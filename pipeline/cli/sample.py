@@ -25,6 +25,10 @@ def add_parser(sub: argparse._SubParsersAction, common: argparse.ArgumentParser)
                         help="sampler for every stage: ddpm, ddim, dpmpp_2m, euler, heun (vp stages), flow_euler, "
                              "flow_heun (flow stages) (the names of "
                              "pipeline.diffusion.samplers.SAMPLER_KINDS; default: each stage's)")
+    parser.add_argument("--height", type=int, default=None,
+                        help="output height in pixels (default: the last stage's resolution); with --width any shape "
+                             "every stage was trained on (its buckets), else one line names the nearest")
+    parser.add_argument("--width", type=int, default=None, help="output width in pixels (see --height)")
     parser.add_argument("--seed", type=int, default=0, help="random seed; image i of a seed is the same whatever "
                                                             "--num-images is (default 0)")
     parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
@@ -56,6 +60,7 @@ def _run(args: argparse.Namespace) -> int:
     written = sample_to_file(args.bundle, args.prompt, args.out, num_images=args.num_images, guidance=args.guidance,
                              steps=args.steps, sampler=args.sampler, seed=args.seed, device=args.device,
                              out_dir=args.out_dir, image=args.image, init_image=args.init_image,
-                             strength=args.strength, progress=_progress())
+                             strength=args.strength, progress=_progress(), height=args.height,
+                             width=args.width)
     print(f"wrote {written[0]}" + (f" and {len(written) - 1} images in {args.out_dir}" if len(written) > 1 else ""))
     return 0

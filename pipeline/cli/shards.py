@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 
 from pipeline.data.from_folder import pack_folder
-from pipeline.data.synthetic import write_synthetic_shards
+from pipeline.data.synthetic import parse_aspects, write_synthetic_shards
 from pipeline.errors import UsageError
 from pipeline.precompute.encoders import ENCODERS
 from pipeline.precompute.run import PrecomputeJob, finalize, run_precompute
@@ -30,6 +30,9 @@ def add_parser(sub: argparse._SubParsersAction, common: argparse.ArgumentParser)
                      help="which split to draw (default train)")
     syn.add_argument("--format", choices=("jpg", "png"), default="jpg", dest="image_format",
                      help="image encoding (default jpg)")
+    syn.add_argument("--aspect-ratios", default="1:1", metavar="W:H,...",
+                     help="canvas shapes, cycled over the samples, each of about --resolution squared pixels; "
+                          "positions keep their meaning in every shape, e.g. 1:1,4:3,3:4,16:9,9:16 (default 1:1)")
     syn.set_defaults(handler=_run_synthetic)
     folder = kinds.add_parser(
         "from-folder", parents=[common], help="pack an img2dataset-style folder (KEY.jpg + KEY.txt [+ KEY.json])",
@@ -40,6 +43,9 @@ def add_parser(sub: argparse._SubParsersAction, common: argparse.ArgumentParser)
     folder.add_argument("--shard-size", type=int, default=1000, help="maximum samples per shard (default 1000)")
     folder.add_argument("--max-shard-bytes", type=int, default=0,
                         help="maximum payload bytes per shard; 0 = no limit (default 0)")
+    folder.add_argument("--max-side", type=int, default=0,
+                        help="shrink images whose long side is larger to this many pixels (never enlarges); "
+                             "0 = store every image's original bytes (default 0)")
     folder.set_defaults(handler=_run_from_folder)
     _add_precompute(kinds, common)
 
@@ -74,8 +80,12 @@ def _run_synthetic(args: argparse.Namespace) -> int:
         raise UsageError("--num-samples and --shard-size must be positive")
     if args.resolution < 8:
         raise UsageError("--resolution must be at least 8 pixels")
+    try:
+        aspects = parse_aspects(args.aspect_ratios)
+    except ValueError as exc:
+        raise UsageError(f"--aspect-ratios: {exc}") from None
     index = write_synthetic_shards(args.out, args.num_samples, args.shard_size, args.resolution, args.seed,
-                                   args.split, args.image_format)
+                                   args.split, args.image_format, aspects)
     print(f"wrote {index['num_samples']} {args.split} samples in {index['num_shards']} shards to {args.out}")
     return 0
 
@@ -108,8 +118,9 @@ def _run_precompute(args: argparse.Namespace) -> int:
 
 
 def _run_from_folder(args: argparse.Namespace) -> int:
-    index = pack_folder(args.src, args.out, args.shard_size, args.max_shard_bytes)
-    print(f"wrote {index['num_samples']} samples in {index['num_shards']} shards to {args.out}")
+    index = pack_folder(args.src, args.out, args.shard_size, args.max_shard_bytes, args.max_side)
+    print(f"wrote {index['num_samples']} samples in {index['num_shards']} shards to {args.out}"
+          + (f" ({index['shrunk']} shrunk to --max-side {args.max_side})" if index.get("shrunk") else ""))
     skipped = index.get("skipped", {})
     if skipped:
         total = sum(skipped.values())

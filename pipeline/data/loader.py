@@ -9,6 +9,10 @@ workers (worker n % W gives batch n), so that is the state of the batches CONSUM
 have prefetched. On resume worker w of the new DataLoader plays logical stream (w + next) % W, restores that
 snapshot and continues; the next batches are bit-identical to an uninterrupted run's.
 
+Buckets (data.buckets.enabled): training batches hold one aspect-ratio bucket each (images (B, 3, H, W) of that
+bucket's shape plus orig_size / crop_top_left / target_size); each worker stream keeps its own partly filled
+buckets, and their waiting samples are part of its snapshot, so resume stays exact. Evaluation stays square.
+
 Precomputed arrays (spec.precomputed): the builders validate, before any worker starts, that the precomputed
 shards of data.precomputed_urls / data.eval_precomputed_urls are aligned with the source shards (aligned.py);
 the workers then read each source shard zipped with its precomputed shard(s).
@@ -34,9 +38,11 @@ from pipeline.data.eval_stream import EvalShare, eval_batches
 from pipeline.data.skips import SkipCounter, check_fraction, merge_counts
 from pipeline.data.sources import ShardPlan, expand_shard_specs
 from pipeline.data.spec import SampleSpec
-from pipeline.data.stream import SampleDecoder, SampleStream, ShardReader, next_batch, stream_samples
+from pipeline.data.buckets import BucketBatcher, auto_limits, resolve_shapes
+from pipeline.data.stream import (SampleDecoder, SampleStream, ShardReader, next_batch, next_bucket_batch,
+                                  restore_buckets, stream_samples)
 from pipeline.data.tar_reader import iter_shard
-from pipeline.data.transforms import RESERVED_KEYS
+from pipeline.data.transforms import RESERVED_KEYS, auto_min_image_size
 from pipeline.errors import DataError
 
 logger = logging.getLogger(__name__)
@@ -60,11 +66,22 @@ class _Setup:
     def read(self) -> ShardReader:
         return self.aligned if self.aligned is not None else iter_shard
 
-    def decoder(self, stream: int, random_crop: bool, seed: int) -> SampleDecoder:
+    @property
+    def buckets(self) -> tuple[tuple[int, int], ...]:
+        """The training bucket shapes, or () for square images."""
+        if not (self.data.buckets.enabled and self.spec.image_size):
+            return ()
+        return resolve_shapes(self.data.buckets, self.spec.image_size)
+
+    def decoder(self, stream: int, random_crop: bool, seed: int, bucketed: bool = False) -> SampleDecoder:
         d = self.data
         arrays = self.aligned.arrays if self.aligned is not None else None
-        return SampleDecoder(self.spec, d.caption_key, random_crop, d.min_image_size, d.max_aspect_ratio, seed, stream,
-                             arrays)
+        buckets = self.buckets if bucketed else ()
+        if buckets:
+            min_size, max_ratio = auto_limits(buckets, d.min_image_size, d.max_aspect_ratio)
+        else:
+            min_size, max_ratio = auto_min_image_size(d.min_image_size, self.spec.image_size), d.max_aspect_ratio
+        return SampleDecoder(self.spec, d.caption_key, random_crop, min_size, max_ratio, seed, stream, arrays, buckets)
 
     def skip_counter(self) -> SkipCounter:
         return SkipCounter(self.data.max_skip_fraction, self.data.skip_check_min_samples)
@@ -131,13 +148,23 @@ class _TrainStreams(IterableDataset):
         stream_id = s.rank * s.streams + logical
         skips = s.skip_counter()
         try:
-            stream = SampleStream(s.plan, stream_id, s.data.shuffle_buffer, skips, self.snapshots[logical], s.read)
-            decode = s.decoder(stream_id, s.data.crop == "random", s.plan.seed)
+            snapshot = self.snapshots[logical]
+            stream = SampleStream(s.plan, stream_id, s.data.shuffle_buffer, skips, snapshot, s.read)
+            decode = s.decoder(stream_id, s.data.crop == "random", s.plan.seed, bucketed=True)
+            batcher = BucketBatcher(len(s.buckets), s.batch_size) if s.buckets else None
+            if batcher is not None and snapshot is not None:
+                restore_buckets(batcher, snapshot["buckets"], stream, decode)
             samples = stream_samples(stream)
             while True:
-                batch = next_batch(samples, decode, s.spec, s.batch_size, skips, shared=info is not None)
-                assert batch is not None  # the stream is infinite
-                batch[STATE_KEY] = json.dumps({"worker": logical, "state": stream.snapshot()})
+                if batcher is None:
+                    batch = next_batch(samples, decode, s.spec, s.batch_size, skips, shared=info is not None)
+                    assert batch is not None  # the stream is infinite
+                else:
+                    batch = next_bucket_batch(samples, decode, s.spec, batcher, skips, shared=info is not None)
+                state = stream.snapshot()
+                if batcher is not None:
+                    state["buckets"] = batcher.snapshot()
+                batch[STATE_KEY] = json.dumps({"worker": logical, "state": state})
                 yield batch
         except DataError as exc:
             yield {STATE_KEY: json.dumps({"worker": logical, "error": str(exc)})}
@@ -203,6 +230,7 @@ class TrainLoader:
         return {"version": STATE_VERSION, "rank": s.rank, "world_size": self._world_size,
                 "num_workers": s.data.num_workers, "streams": s.streams, "seed": self._seed,
                 "plan": s.plan.fingerprint(), "num_shards": len(s.plan.urls), "batches": self._batches,
+                "buckets": [list(shape) for shape in s.buckets],
                 "next_worker": self._next_worker, "workers": copy.deepcopy(self._snapshots)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -219,6 +247,10 @@ class TrainLoader:
                                 f"(num_workers={state.get('num_workers')}), this run has {key}={value} "
                                 f"(num_workers={s.data.num_workers}); resume with the same world size, "
                                 f"data.num_workers and train.seed")
+        if [tuple(b) for b in state.get("buckets", [])] != list(s.buckets):
+            raise DataError(f"cannot resume the data stream exactly: it was saved with buckets "
+                            f"{state.get('buckets', [])}, this run has {[list(b) for b in s.buckets]}; resume with "
+                            f"the same data.buckets and resolution")
         if state.get("plan") != s.plan.fingerprint():
             raise DataError(f"cannot resume the data stream exactly: the shard list changed since the checkpoint "
                             f"({state.get('num_shards')} shards then, {len(s.plan.urls)} now, or other names or "
@@ -240,13 +272,18 @@ def build_train_loader(data: DataConfig, spec: SampleSpec, *, batch_size: int, s
     Raises:
         DataError: data.urls is empty or a spec in it matches no file; invalid arguments; precomputed arrays
             requested but data.precomputed_urls missing or not aligned with data.urls (same error on every rank).
+        ConfigError: data.buckets allows no shape for spec.image_size, or the size is not a multiple of its step.
     """
     _check_args(spec, batch_size, rank, world_size)
     urls = expand_shard_specs(data.urls, "data.urls")
     aligned = align_precomputed(urls, data.precomputed_urls, spec.precomputed, "data.precomputed_urls", "data.urls")
     streams = max(1, data.num_workers)
     plan = ShardPlan(tuple(urls), world_size * streams, seed, data.shuffle_shards, data.resampled)
-    return TrainLoader(_Setup(data, spec, batch_size, rank, streams, plan, aligned), seed, world_size)
+    setup = _Setup(data, spec, batch_size, rank, streams, plan, aligned)
+    if setup.buckets:  # bad bucket settings fail here, once, not in every worker
+        logger.info("data: %d aspect-ratio buckets (height x width): %s", len(setup.buckets),
+                    ", ".join(f"{h}x{w}" for h, w in setup.buckets))
+    return TrainLoader(setup, seed, world_size)
 
 
 class _EvalWorkers(IterableDataset):

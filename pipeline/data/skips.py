@@ -1,7 +1,8 @@
 """Counting what the reader skips, and deciding when skipping has gone too far.
 
 Sample reasons (the sample is dropped, the batch takes the next one):
-    missing_image, empty_image, corrupt_image, image_too_small, bad_aspect_ratio,
+    missing_image, empty_image, corrupt_image, image_too_small (short side below data.min_image_size, auto by
+    default), bad_aspect_ratio (beyond data.max_aspect_ratio, or the widest bucket with data.buckets),
     missing_caption, empty_caption, bad_caption_encoding, bad_json,
     precomputed_missing (the reader accepts the sample but the precompute could not encode it: KEY.skip),
     corrupt_mask (a loss mask KEY.mask.png that cannot be decoded or does not have the image's aspect ratio)

@@ -4,7 +4,11 @@ A stage says what it needs per sample with a :class:`SampleSpec`; the reader (``
 delivers batches as dicts:
 
     "image":   uint8 (B, 3, S, S), resized + cropped to S = spec.image_size, NOT normalised
-               (absent when spec.image_size == 0)
+               (absent when spec.image_size == 0); with data.buckets (training only) uint8 (B, 3, H, W), one
+               bucket shape per batch, plus (SDXL size and crop conditioning, int64 (B, 2) each):
+    "orig_size":      (height, width) of the image as shown, before resizing
+    "crop_top_left":  (top, left) of the crop inside the image resized to cover the bucket
+    "target_size":    (height, width) of the bucket
     "caption": list[str] of length B                                     (always)
     "key":     list[str] of length B, the WebDataset sample keys          (always)
     "loss_mask": uint8 (B, 1, S, S), per-pixel loss weight * 255, cropped like the image   (spec.loss_mask)

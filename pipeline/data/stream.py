@@ -7,11 +7,12 @@ Exact resume. A stream's whole state at a batch boundary is small and plain:
     buffer    the shuffle buffer as [[k, index], ...] references, in buffer order
     draws     how many samples were drawn from the buffer (the draw RNG is a hash of this counter)
     skips     the stream's SkipCounter state
+    buckets   with data.buckets: per bucket the [k, index, key] of the samples waiting in it (buckets.py)
 
 Every random decision is a hash of (seed, stream, counter) - shard order per epoch, resampling, buffer draws,
-crop offsets - so no RNG object has to be saved. Restoring re-reads the buffered samples from their shards by
-(k, index) and seeks the current unit to `offset`; the following batches are then bit-identical to an
-uninterrupted run's.
+crop offsets - so no RNG object has to be saved. Restoring re-reads the buffered (and bucket-waiting) samples
+from their shards by (k, index) and seeks the current unit to `offset`; the following batches are then
+bit-identical to an uninterrupted run's.
 """
 from __future__ import annotations
 
@@ -21,12 +22,14 @@ from dataclasses import dataclass
 import numpy as np
 
 from pipeline.data.aligned import ArrayInfo, pre_key, skip_note
+from pipeline.data.buckets import BucketBatcher, Waiting
 from pipeline.data.precomputed_index import read_npy
 from pipeline.data.skips import SkipCounter
 from pipeline.data.sources import SALT_CROP, SALT_SHUFFLE, ShardPlan, mix
 from pipeline.data.spec import SampleSpec
 from pipeline.data.tar_reader import iter_shard
-from pipeline.data.transforms import (ImageOptions, SkipSample, collate, decode_image, decode_mask, image_bytes,
+from pipeline.data.transforms import (Crop, ImageOptions, SkipSample, collate, decode_mask, decode_with_crop,
+                                      image_bytes,
                                       read_caption)
 from pipeline.errors import DataError
 
@@ -145,7 +148,12 @@ class SampleStream:
         self._empty_run = int(state["empty_run"])
         self._empty_units = {int(u) for u in state["empty_units"]}
         self.skips.load(state["skips"])
-        refs = [(int(k), int(i)) for k, i in state["buffer"]]
+        self.buffer = self.read_refs([(int(k), int(i)) for k, i in state["buffer"]], "in the saved shuffle buffer")
+
+    def read_refs(self, refs: list[tuple[int, int]], where: str) -> list[RawSample]:
+        """The raw samples at (unit read k, in-shard index) `refs`, in that order, read again from their shards.
+
+        Raises DataError naming `where` they were kept when one can no longer be read (the shards changed)."""
         wanted: dict[int, set[int]] = {}
         for k, index in refs:
             wanted.setdefault(k, set()).add(index)
@@ -161,41 +169,48 @@ class SampleStream:
         if missing:
             k, index = missing[0]
             raise DataError(f"cannot resume the data stream: sample {index} of shard "
-                            f"{self.plan.unit(self.stream, k).url} (in the saved shuffle buffer) can no longer be "
+                            f"{self.plan.unit(self.stream, k).url} ({where}) can no longer be "
                             f"read; the shards changed since the checkpoint ({len(missing)} samples missing)")
-        self.buffer = [found[ref] for ref in refs]
+        return [found[ref] for ref in refs]
 
 
 class SampleDecoder:
-    """Raw sample -> (uint8 image (S, S, 3) or None, caption, {name: precomputed array}).
+    """Raw sample -> (uint8 image (S, S, 3) or (H, W, 3) of its bucket, or None; caption; {name: array}).
 
     Random crops are seeded by the sample's identity. `arrays` gives the dtype and shape of every precomputed
-    array the spec requests (empty without precomputed shards).
+    array the spec requests (empty without precomputed shards). `buckets`: (height, width) shapes (buckets.py);
+    empty for square images.
     """
 
     def __init__(self, spec: SampleSpec, caption_key: str, random_crop: bool, min_image_size: int,
-                 max_aspect_ratio: float, seed: int, stream: int, arrays: dict[str, ArrayInfo] | None = None) -> None:
+                 max_aspect_ratio: float, seed: int, stream: int, arrays: dict[str, ArrayInfo] | None = None,
+                 buckets: tuple[tuple[int, int], ...] = ()) -> None:
         self.caption_key = caption_key
-        self.opts = (ImageOptions(spec.image_size, random_crop, min_image_size, max_aspect_ratio)
+        self.opts = (ImageOptions(spec.image_size, random_crop, min_image_size, max_aspect_ratio, buckets)
                      if spec.image_size else None)
         self.seed, self.stream = seed, stream
         self.arrays = arrays or {}
         self.loss_mask = spec.loss_mask and self.opts is not None
 
     def __call__(self, raw: RawSample) -> Decoded:
+        image, caption, arrays, _ = self.with_crop(raw)
+        return image, caption, arrays
+
+    def with_crop(self, raw: RawSample) -> tuple[np.ndarray | None, str, dict[str, np.ndarray], Crop | None]:
+        """As calling the decoder, plus where the image came from (None without an image)."""
         caption = read_caption(raw.members, self.caption_key)
-        image, mask = None, None
+        image, crop, mask = None, None, None
         if self.opts is not None:
             crop_seed = mix(self.seed, SALT_CROP, self.stream, raw.k, raw.index)
-            image = decode_image(image_bytes(raw.members), self.opts, crop_seed)
+            image, crop = decode_with_crop(image_bytes(raw.members), self.opts, crop_seed)
             if self.loss_mask:
-                mask = decode_mask(raw.members, self.opts, crop_seed)
+                mask = decode_mask(raw.members, crop)
         # The reader's own checks come first, so a sample with e.g. a corrupt image is counted as such, as it
         # would be without precomputed shards; only samples it accepts can lack arrays.
         arrays = {name: self._array(raw, name, info) for name, info in self.arrays.items()}
         if mask is not None:
             arrays["loss_mask"] = mask
-        return image, caption, arrays
+        return image, caption, arrays, crop
 
     @staticmethod
     def _array(raw: RawSample, name: str, info: ArrayInfo) -> np.ndarray:
@@ -243,6 +258,41 @@ def next_batch(samples: Iterator[RawSample], decode: SampleDecoder, spec: Sample
     if not keys:
         return None
     return collate(images, captions, keys, spec, shared, arrays)
+
+
+def next_bucket_batch(samples: Iterator[RawSample], decode: SampleDecoder, spec: SampleSpec,
+                      batcher: BucketBatcher, skips: SkipCounter, shared: bool = False) -> dict:
+    """Decode samples into their buckets until one bucket holds a micro-batch; collate that bucket.
+
+    Returns the batch dict of spec.py with images (B, 3, H, W) of one bucket shape plus orig_size,
+    crop_top_left and target_size (int64 (B, 2)). The stream is infinite, so a batch always comes.
+    """
+    for raw in samples:
+        skips.seen += 1
+        try:
+            image, caption, extra, crop = decode.with_crop(raw)
+        except SkipSample as skip:
+            skips.add(skip.reason, f"{raw.key}: {skip.detail}")
+            skips.check()
+            continue
+        full = batcher.add(crop.bucket, Waiting(raw.k, raw.index, raw.key, (image, caption, extra, crop)))
+        if full is not None:
+            images, captions, extras, crops = zip(*(w.decoded for w in full))
+            arrays = {name: [e[name] for e in extras] for name in spec.precomputed}
+            return collate(list(images), list(captions), [w.key for w in full], spec, shared, arrays, list(crops))
+    raise DataError("the training data stream ended, which should never happen; please report this")
+
+
+def restore_buckets(batcher: BucketBatcher, state: list, stream: SampleStream, decode: SampleDecoder) -> None:
+    """Refill `batcher` from a snapshot: its waiting samples are read again and decoded like the first time."""
+    def load(refs: list[tuple[int, int, str]]) -> list[tuple]:
+        raws = stream.read_refs([(k, i) for k, i, _ in refs], "waiting in a bucket")
+        for raw, (_, _, key) in zip(raws, refs):
+            if raw.key != key:
+                raise DataError(f"cannot resume the data stream: the sample waiting in a bucket as {key!r} is "
+                                f"{raw.key!r} now; the shards changed since the checkpoint")
+        return [decode.with_crop(raw) for raw in raws]
+    batcher.restore(state, load)
 
 
 def stream_samples(stream: SampleStream) -> Iterator[RawSample]:

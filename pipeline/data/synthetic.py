@@ -5,6 +5,11 @@ Each object is a tuple (size, colour, shape, position). A fixed, seed-independen
 So no held-out caption ever appears in training data, while every colour, shape, size and position (and every
 colour-shape pair) is still seen in training - later stages are measured on prompts they never saw.
 
+Canvases may have other shapes than square (``aspects``, e.g. 16:9): about `resolution` squared pixels of area,
+positions are fractions of the width and height ("on the left" is 0.27 of the width in every shape) and sizes
+fractions of the short side, so a caption means the same on every canvas and a centre crop of a wide scene can
+cut what its caption names.
+
 Every sample stores the drawn attributes (``KEY.json``) from which its caption (``KEY.txt``) is derived, so
 quality checks can compare generated images with what was asked for.
 """
@@ -27,7 +32,7 @@ COLOURS: dict[str, tuple[int, int, int]] = {
     "purple": (150, 60, 200), "orange": (250, 140, 30), "white": (245, 245, 245), "cyan": (40, 210, 220),
 }
 SHAPES = ("circle", "square", "triangle")
-SIZES: dict[str, float] = {"small": 0.11, "large": 0.2}  # radius as a fraction of the image side
+SIZES: dict[str, float] = {"small": 0.11, "large": 0.2}  # radius as a fraction of the image's short side
 POSITIONS: dict[str, tuple[float, float]] = {
     "left": (0.27, 0.5), "right": (0.73, 0.5), "top": (0.5, 0.27), "bottom": (0.5, 0.73), "center": (0.5, 0.5),
 }
@@ -36,11 +41,32 @@ POSITION_PHRASES = {"left": "on the left", "right": "on the right", "top": "at t
 SPLITS = ("train", "heldout")
 Split = Literal["train", "heldout"]
 SUPERSAMPLE = 4  # draw at 4x and downsample: anti-aliased edges at tiny resolutions
+Aspect = tuple[int, int]  # (width units, height units), e.g. (16, 9)
+SQUARE: tuple[Aspect, ...] = ((1, 1),)
+
+
+def parse_aspects(text: str) -> tuple[Aspect, ...]:
+    """'1:1,4:3,16:9' -> ((1, 1), (4, 3), (16, 9)); ValueError naming the bad part."""
+    aspects = []
+    for part in text.split(","):
+        w, sep, h = part.strip().partition(":")
+        if not (sep and w.isdigit() and h.isdigit() and int(w) > 0 and int(h) > 0):
+            raise ValueError(f"aspect ratio {part.strip()!r} is not W:H with positive integers (e.g. 16:9)")
+        aspects.append((int(w), int(h)))
+    if not aspects or max(max(w / h, h / w) for w, h in aspects) > 4:
+        raise ValueError(f"aspect ratios {text!r}: give at least one, none beyond 4:1")
+    return tuple(aspects)
+
+
+def canvas_size(resolution: int, aspect: Aspect) -> tuple[int, int]:
+    """(width, height) in pixels of about resolution**2 area with that aspect; (R, R) for 1:1."""
+    ratio = (aspect[0] / aspect[1]) ** 0.5
+    return max(8, round(resolution * ratio)), max(8, round(resolution / ratio))
 
 
 @dataclass(frozen=True)
 class SceneObject:
-    """One drawn shape. `cx`, `cy`, `radius` are in pixels of the stored image."""
+    """One drawn shape. `cx`, `cy`, `radius` are in pixels of the stored image (x from the left, y from the top)."""
 
     size: str
     colour: str
@@ -106,8 +132,13 @@ def _pick(rng: np.random.Generator, pool: list[tuple[str, str, str, str]], taken
     return options[int(rng.integers(len(options)))]
 
 
-def sample_scene(rng: np.random.Generator, split: Split, resolution: int) -> list[SceneObject]:
-    """Draw the attributes of one scene: 1 or 2 objects at distinct positions, placed with small jitter."""
+def sample_scene(rng: np.random.Generator, split: Split, resolution: int, height: int = 0) -> list[SceneObject]:
+    """Draw the attributes of one scene: 1 or 2 objects at distinct positions, placed with small jitter.
+
+    resolution: canvas width in pixels; height: canvas height (0 = square). Positions scale with each side,
+    radii with the short side.
+    """
+    width, height = resolution, height or resolution
     count = 1 + int(rng.random() < 0.5)
     taken: set[str] = set()
     chosen = []
@@ -126,18 +157,23 @@ def sample_scene(rng: np.random.Generator, split: Split, resolution: int) -> lis
         px, py = POSITIONS[position]
         jitter = rng.uniform(-0.03, 0.03, size=2)
         radius = SIZES[size] * float(rng.uniform(0.9, 1.1))
-        objects.append(SceneObject(size, colour, shape, position, cx=round((px + jitter[0]) * resolution, 2),
-                                   cy=round((py + jitter[1]) * resolution, 2), radius=round(radius * resolution, 2)))
+        objects.append(SceneObject(size, colour, shape, position, cx=round((px + jitter[0]) * width, 2),
+                                   cy=round((py + jitter[1]) * height, 2),
+                                   radius=round(radius * min(width, height), 2)))
     return objects
 
 
-def render(objects: list[SceneObject], resolution: int, rng: np.random.Generator) -> Image.Image:
-    """Draw the scene on a dark, slightly tinted vertical-gradient background; returns an RGB image."""
-    side = resolution * SUPERSAMPLE
+def render(objects: list[SceneObject], resolution: int, rng: np.random.Generator, height: int = 0) -> Image.Image:
+    """Draw the scene on a dark, slightly tinted vertical-gradient background; returns an RGB image.
+
+    resolution: width in pixels; height: height in pixels (0 = square).
+    """
+    width, height = resolution, height or resolution
+    side_w, side_h = width * SUPERSAMPLE, height * SUPERSAMPLE
     base = rng.integers(35, 75, size=3)
-    ramp = np.linspace(-12, 12, side)[:, None, None]
+    ramp = np.linspace(-12, 12, side_h)[:, None, None]
     background = np.clip(base[None, None, :] + ramp, 0, 255).astype(np.uint8)
-    canvas = Image.fromarray(np.broadcast_to(background, (side, side, 3)).copy(), "RGB")
+    canvas = Image.fromarray(np.broadcast_to(background, (side_h, side_w, 3)).copy(), "RGB")
     draw = ImageDraw.Draw(canvas)
     for obj in objects:
         cx, cy, r = obj.cx * SUPERSAMPLE, obj.cy * SUPERSAMPLE, obj.radius * SUPERSAMPLE
@@ -150,7 +186,7 @@ def render(objects: list[SceneObject], resolution: int, rng: np.random.Generator
         else:  # equilateral triangle pointing up, circumradius slightly larger than r
             R = r * 1.15
             draw.polygon([(cx, cy - R), (cx - R * 0.866, cy + R * 0.5), (cx + R * 0.866, cy + R * 0.5)], fill=fill)
-    return canvas.resize((resolution, resolution), Image.LANCZOS)
+    return canvas.resize((width, height), Image.LANCZOS)
 
 
 def encode_image(image: Image.Image, image_format: Literal["jpg", "png"]) -> bytes:
@@ -162,13 +198,17 @@ def encode_image(image: Image.Image, image_format: Literal["jpg", "png"]) -> byt
     return buf.getvalue()
 
 
-def make_sample(index: int, seed: int, split: Split, resolution: int,
-                image_format: Literal["jpg", "png"] = "jpg") -> tuple[str, dict[str, bytes]]:
-    """Sample `index` of a split as (key, {ext: bytes}); a pure function of its arguments."""
+def make_sample(index: int, seed: int, split: Split, resolution: int, image_format: Literal["jpg", "png"] = "jpg",
+                aspects: tuple[Aspect, ...] = SQUARE) -> tuple[str, dict[str, bytes]]:
+    """Sample `index` of a split as (key, {ext: bytes}); a pure function of its arguments.
+
+    The canvas shape cycles through `aspects` by index (equal shares; the scene RNG is the same as for squares).
+    """
     rng = np.random.default_rng([seed, SPLITS.index(split), index])
-    objects = sample_scene(rng, split, resolution)
-    image = render(objects, resolution, rng)
-    meta = {"objects": [asdict(o) for o in objects], "width": resolution, "height": resolution,
+    width, height = canvas_size(resolution, aspects[index % len(aspects)])
+    objects = sample_scene(rng, split, width, height)
+    image = render(objects, width, rng, height)
+    meta = {"objects": [asdict(o) for o in objects], "width": width, "height": height,
             "split": split, "index": index, "seed": seed}
     key = f"{split}{index:08d}"
     return key, {image_format: encode_image(image, image_format), "txt": caption_for(objects).encode("utf-8"),
@@ -176,14 +216,19 @@ def make_sample(index: int, seed: int, split: Split, resolution: int,
 
 
 def write_synthetic_shards(out_dir: str | Path, num_samples: int, shard_size: int, resolution: int, seed: int,
-                           split: Split = "train", image_format: Literal["jpg", "png"] = "jpg") -> dict:
-    """Generate `num_samples` scenes into tar shards of `shard_size` samples; returns the ``shards.json`` index."""
+                           split: Split = "train", image_format: Literal["jpg", "png"] = "jpg",
+                           aspects: tuple[Aspect, ...] = SQUARE) -> dict:
+    """Generate `num_samples` scenes into tar shards of `shard_size` samples; returns the ``shards.json`` index.
+
+    aspects: canvas shapes, cycled by sample index (default square R x R)."""
     if num_samples <= 0 or shard_size <= 0 or resolution < 8:
         raise ValueError("num_samples and shard_size must be > 0 and resolution >= 8 pixels")
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
-    meta = {"generator": "synthetic", "split": split, "seed": seed, "resolution": resolution}
+    meta: dict = {"generator": "synthetic", "split": split, "seed": seed, "resolution": resolution}
+    if aspects != SQUARE:
+        meta["aspects"] = [f"{w}:{h}" for w, h in aspects]
     with ShardWriter(Path(out_dir), shard_size=shard_size, meta=meta) as writer:
         for index in range(num_samples):
-            writer.write(*make_sample(index, seed, split, resolution, image_format))
+            writer.write(*make_sample(index, seed, split, resolution, image_format, aspects))
     return json.loads((Path(out_dir) / "shards.json").read_text())

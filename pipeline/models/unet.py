@@ -8,15 +8,21 @@ Conditioning convention (training, sampling and anyone loading an exported U-Net
   every cross-attention (our processors turn diffusers' additive bias back into a key padding mask).
 - ``class_labels``: one vector per sample, the concatenation of (in this order, each only when configured)
   the masked mean of the T5 tokens (D_t5), the CLIP image embedding (E; zero when dropped for guidance) and a
-  sinusoidal embedding of the super-resolution noise-augmentation level (K). ``class_embed_type="projection"``
-  maps it through an MLP onto the time embedding, so pooled text, image embedding and noise level all condition
-  the ResNet blocks the way DALL-E 2 / Imagen add them to the timestep embedding.
+  sinusoidal embedding of the super-resolution noise-augmentation level (K) and the SDXL size and crop
+  micro-conditioning (6 x S): sinusoidal embeddings of the six pixel counts of "sizes" (B, 6) = original
+  height, width (the image as shown, before resizing), crop top, left (in the image resized to cover the
+  target) and target height, width (the image the stage makes), one S-wide embedding each, in that order.
+  ``class_embed_type="projection"`` maps it through an MLP onto the time embedding, so pooled text, image
+  embedding, noise level and sizes all condition the ResNet blocks the way DALL-E 2 / Imagen / SDXL add them to
+  the timestep embedding. At sampling the sizes default to "uncropped, original = target": (H, W, 0, 0, H, W).
 - ``sample``: the noised image or latent (B, C, H, W), concatenated on channels with the (noise-augmented,
   resized to H x W) low-resolution image for super-resolution stages.
 
 Null condition (classifier-free guidance): T5 tokens all zero with only the first position unmasked, so
 cross-attention sees one key whose projection is the learned bias of ``encoder_hid_proj`` - a learned null token
-that needs no extra parameter outside the diffusers class - and a zero image embedding.
+that needs no extra parameter outside the diffusers class - and a zero image embedding. Sizes are kept unless a
+stage drops them with the text (``model.micro_conditioning.drop_with_text``); dropped sizes are all zero (a
+0 x 0 original and target, which no real image has).
 """
 from __future__ import annotations
 
@@ -83,7 +89,8 @@ class Conditioning:
 
     text_dim: T5 width D_t5; pooled_text: masked-mean T5 in the class vector; image_embed_dim: CLIP embedding width
     E (0 = none); level_dim: noise-level embedding width K (0 = base stage); low_res_channels: channels concatenated
-    to the sample (0 = base stage); backbone: 'unet' (this module's convention) or 'dit' (pipeline/models/dit.py).
+    to the sample (0 = base stage); size_dim: width S of each of the six size/crop embeddings (0 = no
+    micro-conditioning); backbone: 'unet' (this module's convention) or 'dit' (pipeline/models/dit.py).
     """
 
     text_dim: int
@@ -91,11 +98,13 @@ class Conditioning:
     image_embed_dim: int = 0
     level_dim: int = 0
     low_res_channels: int = 0
+    size_dim: int = 0
     backbone: str = "unet"
 
     @property
     def class_dim(self) -> int:
-        return self.text_dim * self.pooled_text + self.image_embed_dim + self.level_dim
+        return (self.text_dim * self.pooled_text + self.image_embed_dim + self.level_dim
+                + SIZE_FIELDS * self.size_dim)
 
 
 def diffusers_kwargs(cfg: UNetConfig, *, sample_size: int, in_channels: int, out_channels: int,
@@ -138,6 +147,9 @@ def masked_mean(tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return (tokens * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1.0)
 
 
+# "sizes" (B, 6): original height, width; crop top, left; target height, width (pixels), SDXL's order.
+SIZE_FIELDS = 6
+
 # Sinusoidal embeddings are built for positions ~0..1000 (diffusers' timestep embedding, max period 10000); a
 # level in [0, 1] is spread over that range so its features vary as much as a timestep's do.
 LEVEL_EMBEDDING_SCALE = 1000.0
@@ -157,13 +169,40 @@ def level_embedding(level: torch.Tensor, dim: int) -> torch.Tensor:
     if level.dim() != 1:
         raise ValueError(f"levels must have shape (B,), got {tuple(level.shape)}")
     check_range(level, 0.0, 1.0, "noise-augmentation levels")
+    return sinusoidal(level.to(torch.float32) * LEVEL_EMBEDDING_SCALE, dim)
+
+
+def sinusoidal(positions: torch.Tensor, dim: int) -> torch.Tensor:
+    """(N,) positions -> (N, dim) float32 [sin(p * f_k), cos(p * f_k)], f_k = 10000^(-k / (dim/2)); odd dim: one
+    zero feature at the end."""
     half = dim // 2
-    freqs = torch.exp(-math.log(MAX_PERIOD) * torch.arange(half, dtype=torch.float32, device=level.device) / half)
-    args = (level.to(torch.float32) * LEVEL_EMBEDDING_SCALE)[:, None] * freqs[None, :]
+    freqs = torch.exp(-math.log(MAX_PERIOD) * torch.arange(half, dtype=torch.float32, device=positions.device) / half)
+    args = positions.to(torch.float32)[:, None] * freqs[None, :]
     features = torch.cat([torch.sin(args), torch.cos(args)], dim=1)
     if dim % 2:
         features = torch.nn.functional.pad(features, (0, 1))
     return features
+
+
+def size_embedding(sizes: torch.Tensor, dim: int) -> torch.Tensor:
+    """SDXL micro-conditioning features (B, 6 * dim) float32 of "sizes" (B, 6) pixel counts (see the module doc).
+
+    Each count is embedded on its own as a position in pixels (as SDXL does: sides of 8-2048 px span the
+    timestep embedding's range), the six embeddings concatenated in order.
+    """
+    if dim < 2:
+        raise ValueError(f"size embedding needs dim >= 2, got {dim}")
+    if sizes.dim() != 2 or sizes.shape[1] != SIZE_FIELDS:
+        raise ValueError(f"sizes must have shape (B, {SIZE_FIELDS}), got {tuple(sizes.shape)}")
+    return sinusoidal(sizes.reshape(-1), dim).view(sizes.shape[0], SIZE_FIELDS * dim)
+
+
+def default_sizes(batch: int, height: int, width: int, *, original: tuple[int, int] | None = None,
+                  crop_top_left: tuple[int, int] = (0, 0), device: torch.device | None = None) -> torch.Tensor:
+    """(B, 6) int64 sizes for sampling a height x width image: original (default: = target), crop (default 0, 0)."""
+    orig_h, orig_w = original or (height, width)
+    row = torch.tensor([orig_h, orig_w, crop_top_left[0], crop_top_left[1], height, width], dtype=torch.int64)
+    return row.to(device).expand(batch, -1).clone()
 
 
 def class_vector(cond: Conditioning, inputs: dict[str, torch.Tensor]) -> torch.Tensor | None:
@@ -175,6 +214,8 @@ def class_vector(cond: Conditioning, inputs: dict[str, torch.Tensor]) -> torch.T
         parts.append(inputs["image_embed"].to(inputs["text"].dtype))
     if cond.level_dim:
         parts.append(level_embedding(inputs["level"], cond.level_dim).to(inputs["text"].dtype))
+    if cond.size_dim:
+        parts.append(size_embedding(inputs["sizes"], cond.size_dim).to(inputs["text"].dtype))
     return torch.cat(parts, dim=1) if parts else None
 
 
@@ -183,7 +224,7 @@ def unet_forward(unet: nn.Module, cond: Conditioning, x_t: torch.Tensor, t: torc
     """One denoiser call under the convention above.
 
     x_t: (B, C, H, W); t: (B,) timesteps (integer or fractional); inputs: "text" (B, L, D_t5), "mask" (B, L) bool,
-    and when configured "image_embed" (B, E), "low_res" (B, C_low, H, W), "level" (B,) in [0, 1].
+    and when configured "image_embed" (B, E), "low_res" (B, C_low, H, W), "level" (B,) in [0, 1], "sizes" (B, 6).
     Returns the network output (B, C_out, H, W) in the U-Net's dtype. A DiT backbone (``cond.backbone``) is
     called under its own convention (:func:`pipeline.models.dit.dit_forward`).
     """
@@ -198,8 +239,8 @@ def null_condition(inputs: dict[str, torch.Tensor], drop: torch.Tensor, *,
                    keys: tuple[str, ...] = ("text", "image_embed")) -> dict[str, torch.Tensor]:
     """`inputs` with the condition replaced by the null condition where `drop` (B,) bool is True.
 
-    Text: all-zero tokens with only position 0 unmasked; image embedding: zeros. Entries not in `keys` (and the
-    low-res image and noise level, which guidance never drops) are kept.
+    Text: all-zero tokens with only position 0 unmasked; image embedding and sizes: zeros. Entries not in `keys`
+    (and the low-res image and noise level, which guidance never drops) are kept.
     """
     out = dict(inputs)
     if "text" in keys:
@@ -210,6 +251,8 @@ def null_condition(inputs: dict[str, torch.Tensor], drop: torch.Tensor, *,
         out["mask"] = torch.where(drop[:, None], null_mask, inputs["mask"])
     if "image_embed" in keys and "image_embed" in inputs:
         out["image_embed"] = inputs["image_embed"] * (~drop[:, None]).to(inputs["image_embed"].dtype)
+    if "sizes" in keys and "sizes" in inputs:
+        out["sizes"] = torch.where(drop[:, None], torch.zeros_like(inputs["sizes"]), inputs["sizes"])
     return out
 
 

@@ -26,7 +26,8 @@ from pipeline.diffusion.objective import noise_augment
 from pipeline.diffusion.samplers import SamplerConfig, sample_loop
 from pipeline.diffusion.schedules import Schedule
 from pipeline.errors import UsageError
-from pipeline.models.unet import Conditioning, null_condition, unet_forward
+from pipeline.models.unet import Conditioning, default_sizes, null_condition, unet_forward
+from pipeline.sampling.shapes import cascade_shapes
 
 TextEncoder = Callable[[list[str], "CascadeLevel"], tuple[torch.Tensor, torch.Tensor]]
 Progress = Callable[[int, int], None]
@@ -58,7 +59,9 @@ class CascadeLevel:
     resolution: side in pixels of this level's output image; grid: (C, H, W) of the U-Net's own sample (pixels, or
     latents for a latent level); low_res: side of the image it upsamples (0 = base level); sample_noise_level:
     noise-augmentation level of that image at sampling; decode: latents (B, C, H, W) -> images (B, 3, R, R) in
-    [-1, 1] for latent levels (None = pixel space); defaults: its own sampling settings.
+    [-1, 1] for latent levels (None = pixel space); defaults: its own sampling settings; drop_sizes: guidance's
+    unconditional branch also gets the null sizes (the stage trained with micro_conditioning.drop_with_text);
+    buckets: the (height, width) output shapes it was trained on (empty: the resolution square only).
     """
 
     name: str
@@ -72,10 +75,27 @@ class CascadeLevel:
     low_res: int = 0
     sample_noise_level: float = 0.0
     decode: Callable[[torch.Tensor], torch.Tensor] | None = None
+    drop_sizes: bool = False
+    buckets: tuple[tuple[int, int], ...] = ()
 
     @property
     def pixel_space(self) -> bool:
         return self.decode is None
+
+    @property
+    def shapes(self) -> tuple[tuple[int, int], ...]:
+        """The (height, width) output shapes this level samples."""
+        return self.buckets or ((self.resolution, self.resolution),)
+
+    def grid_for(self, shape: tuple[int, int] | None) -> tuple[int, int, int]:
+        """(C, h, w) of the U-Net's sample for an output image of `shape` (None: the resolution square)."""
+        if shape is None:
+            return self.grid
+        factor = self.resolution // self.grid[1]  # pixels per latent cell (1 in pixel space)
+        if shape[0] % factor or shape[1] % factor:
+            raise UsageError(f"cascade level {self.name!r}: {shape[0]}x{shape[1]} is not a whole number of "
+                             f"{factor}-pixel latent cells")
+        return self.grid[0], shape[0] // factor, shape[1] // factor
 
 
 def image_seed(seed: int, level_index: int, image: int) -> int:
@@ -104,11 +124,11 @@ def _noise(shape: tuple[int, ...], gens: Sequence[torch.Generator], device: torc
 
 
 def low_res_input(images: torch.Tensor, level: CascadeLevel, noise_level: torch.Tensor,
-                  gens: Sequence[torch.Generator] | None = None) -> torch.Tensor:
-    """The previous level's images (B, 3, r, r) in [-1, 1] -> the noise-augmented conditioning image (B, 3, H, W)
-    at the U-Net's grid size (bicubic up- or down-sampling), at augmentation level `noise_level` (B,)."""
-    side = level.grid[1]
-    resized = F.interpolate(images.float(), size=(side, side), mode="bicubic", align_corners=False)
+                  gens: Sequence[torch.Generator] | None = None, size: tuple[int, int] | None = None) -> torch.Tensor:
+    """The previous level's images (B, 3, h, w) in [-1, 1] -> the noise-augmented conditioning image (B, 3, H, W)
+    at the U-Net's grid size `size` (default: the level's square grid; bicubic up- or down-sampling), at
+    augmentation level `noise_level` (B,)."""
+    resized = F.interpolate(images.float(), size=size or level.grid[1:], mode="bicubic", align_corners=False)
     if gens is None:
         return noise_augment(resized, noise_level, level.schedule)
     return torch.stack([noise_augment(resized[i:i + 1], noise_level[i:i + 1], level.schedule, generator=g)[0]
@@ -126,12 +146,16 @@ def _threshold(level: CascadeLevel, settings: SamplingConfig) -> Callable[[torch
 def sample_level(level: CascadeLevel, inputs: dict[str, torch.Tensor], *, settings: SamplingConfig | None = None,
                  seed: int = 0, level_index: int = 0, progress: Progress | None = None,
                  drop_keys: tuple[str, ...] = ("text", "image_embed"), init: torch.Tensor | None = None,
-                 strength: float = 1.0, image_indices: Sequence[int] | None = None) -> torch.Tensor:
-    """Images (B, 3, R, R) in [-1, 1] from one cascade level.
+                 strength: float = 1.0, image_indices: Sequence[int] | None = None,
+                 shape: tuple[int, int] | None = None) -> torch.Tensor:
+    """Images (B, 3, H, W) in [-1, 1] from one cascade level; (H, W) = `shape` (default: R x R, the level's
+    resolution; :func:`pipeline.sampling.shapes.cascade_shapes` says which shapes a level can make).
 
     inputs: the conditioning of :func:`pipeline.models.unet.unet_forward` ("text", "mask", and "image_embed" when
     the level uses one) plus, for a super-resolution level, "images": the previous level's output (B, 3, r, r) in
-    [-1, 1], which is noise-augmented at the level's sample_noise_level here. Guidance drops `drop_keys`.
+    [-1, 1], which is noise-augmented at the level's sample_noise_level here. A level with size conditioning
+    takes "sizes" (B, 6) and defaults to "uncropped, original = target". Guidance drops `drop_keys` (and the sizes
+    with the text when the level was trained so).
     init: the level's own grid (B, C, H, W) to start from (SDEdit image-to-image, see sample_loop) at `strength`.
     image_indices: each image's index in the seed's sequence (default 0 .. B-1); evaluation numbers images by their
     held-out sample, so an image does not depend on which rank or batch draws it.
@@ -140,14 +164,20 @@ def sample_level(level: CascadeLevel, inputs: dict[str, torch.Tensor], *, settin
     device = inputs["text"].device
     batch = inputs["text"].shape[0]
     gens = generators(seed, level_index, batch, device, image_indices)
+    grid = level.grid_for(shape)
+    height, width = shape or (level.resolution, level.resolution)
     cond = {k: v for k, v in inputs.items() if k != "images"}
     if level.low_res:
         if "images" not in inputs:
             raise UsageError(f"cascade level {level.name!r} upsamples {level.low_res} px images; give it the "
                              "previous level's output")
         noise_level = torch.full((batch,), level.sample_noise_level, device=device)
-        cond["low_res"] = low_res_input(inputs["images"], level, noise_level, gens)
+        cond["low_res"] = low_res_input(inputs["images"], level, noise_level, gens, size=grid[1:])
         cond["level"] = noise_level
+    if level.cond.size_dim and "sizes" not in cond:
+        cond["sizes"] = default_sizes(batch, height, width, device=device)
+    if level.drop_sizes and "text" in drop_keys:
+        drop_keys = (*drop_keys, "sizes")
     uncond = null_condition(cond, torch.ones(batch, dtype=torch.bool, device=device), keys=drop_keys)
     dtype = next(level.unet.parameters()).dtype
     cond = {k: (v.to(dtype) if v.is_floating_point() and k != "level" else v) for k, v in cond.items()}
@@ -159,7 +189,7 @@ def sample_level(level: CascadeLevel, inputs: dict[str, torch.Tensor], *, settin
     def predict(x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         return classifier_free(model_fn, x_t, t, cond, uncond, settings.guidance, settings.guidance_rescale)
 
-    noise = _noise(level.grid, gens, device)
+    noise = _noise(grid, gens, device)
     with torch.no_grad():
         x0 = sample_loop(predict, noise, level.schedule, level.target, settings.sampler, generators=gens,
                          threshold=_threshold(level, settings), progress=progress, init=init, strength=strength)
@@ -170,14 +200,26 @@ def sample_level(level: CascadeLevel, inputs: dict[str, torch.Tensor], *, settin
 def sample_cascade(levels: Sequence[CascadeLevel], prompts: list[str], encode_text: TextEncoder, *, seed: int = 0,
                    settings: Sequence[SamplingConfig | None] | None = None,
                    extra: dict[str, torch.Tensor] | None = None, progress: Progress | None = None,
-                   init: torch.Tensor | None = None, strength: float = 1.0) -> list[torch.Tensor]:
-    """Run every level in order; returns each level's images (B, 3, R_i, R_i) in [-1, 1] (the last is the result).
+                   init: torch.Tensor | None = None, strength: float = 1.0,
+                   original_size: tuple[int, int] | None = None, crop_top_left: tuple[int, int] = (0, 0),
+                   shape: tuple[int, int] | None = None) -> list[torch.Tensor]:
+    """Run every level in order; returns each level's images (B, 3, H_i, W_i) in [-1, 1] (the last is the result).
+
+    shape: (height, width) of the final images (default: the resolution squares); each level makes it scaled to its
+    resolution, and a shape some level was not trained on fails with one line (pipeline.sampling.shapes).
 
     encode_text(prompts, level) -> (T5 tokens (B, L, D), mask (B, L)) for that level (levels may differ in
     max_length); extra: further conditioning (e.g. "image_embed" (B, E) from the prior) given to the levels whose
-    Conditioning uses it; init/strength: the base level's image-to-image start (its own grid, see sample_level).
+    Conditioning uses it; init/strength: the base level's image-to-image start (its own grid, see sample_level);
+    original_size (height, width; default: each level's own output size) and crop_top_left (in pixels of the last
+    level's output, scaled to each level's) condition the levels trained with size conditioning.
     """
     check_chain(levels)
+    if original_size is not None and (len(original_size) != 2 or min(original_size) < 1):
+        raise UsageError(f"original_size must be (height, width) in pixels >= 1, got {original_size}")
+    if len(crop_top_left) != 2 or min(crop_top_left) < 0:
+        raise UsageError(f"crop_top_left must be (top, left) in pixels >= 0, got {crop_top_left}")
+    shapes = cascade_shapes(levels, *shape) if shape is not None else [None] * len(levels)
     settings = list(settings) if settings is not None else [None] * len(levels)
     outputs: list[torch.Tensor] = []
     images = None
@@ -191,8 +233,15 @@ def sample_cascade(levels: Sequence[CascadeLevel], prompts: list[str], encode_te
             inputs["image_embed"] = extra["image_embed"]
         if level.low_res:
             inputs["images"] = images
+        if level.cond.size_dim:
+            scale = level.resolution / levels[-1].resolution
+            crop = (round(crop_top_left[0] * scale), round(crop_top_left[1] * scale))
+            height, width = shapes[index] or (level.resolution, level.resolution)
+            inputs["sizes"] = default_sizes(text.shape[0], height, width, original=original_size,
+                                            crop_top_left=crop, device=text.device)
         images = sample_level(level, inputs, settings=settings[index], seed=seed, level_index=index,
-                              progress=progress, init=init if index == 0 else None, strength=strength)
+                              progress=progress, init=init if index == 0 else None, strength=strength,
+                              shape=shapes[index])
         outputs.append(images)
     return outputs
 

@@ -37,6 +37,7 @@ from pipeline.models.loading import load_diffusers_strict
 from pipeline.models.unet import Conditioning, UNetConfig, null_condition
 from pipeline.sampling.cascade import CascadeLevel, SamplingConfig, check_chain, sample_cascade, with_overrides
 from pipeline.sampling.prior import PriorSampler
+from pipeline.sampling.shapes import cascade_shapes
 from pipeline.text.t5 import FrozenT5Encoder, T5EncoderConfig
 
 ImageInput = str | Path | Image.Image
@@ -53,14 +54,15 @@ def _pil(image: ImageInput, what: str) -> Image.Image:
         raise UsageError(f"{what}: cannot read image {image} ({exc})") from None
 
 
-def to_tensor(image: Image.Image, size: int) -> torch.Tensor:
-    """PIL -> (3, size, size) in [-1, 1]: short side resized to `size` (bicubic), centre crop."""
+def to_tensor(image: Image.Image, size: int | tuple[int, int]) -> torch.Tensor:
+    """PIL -> (3, H, W) in [-1, 1] for size = (H, W) (an int: a square): resized to cover it (bicubic), centre crop."""
+    out_h, out_w = (size, size) if isinstance(size, int) else size
     width, height = image.size
-    scale = size / min(width, height)
-    resized = image.resize((max(size, round(width * scale)), max(size, round(height * scale))), Image.BICUBIC)
-    left, top = (resized.size[0] - size) // 2, (resized.size[1] - size) // 2
-    array = torch.frombuffer(bytearray(resized.crop((left, top, left + size, top + size)).tobytes()),
-                             dtype=torch.uint8).view(size, size, 3)
+    scale = max(out_w / width, out_h / height)
+    resized = image.resize((max(out_w, round(width * scale)), max(out_h, round(height * scale))), Image.BICUBIC)
+    left, top = (resized.size[0] - out_w) // 2, (resized.size[1] - out_h) // 2
+    array = torch.frombuffer(bytearray(resized.crop((left, top, left + out_w, top + out_h)).tobytes()),
+                             dtype=torch.uint8).view(out_h, out_w, 3)
     return array.permute(2, 0, 1).float() / 127.5 - 1.0
 
 
@@ -111,7 +113,9 @@ def _load_level(bundle: Bundle, name: str, device: torch.device, decode: Callabl
                         resolution=resolution, grid=tuple(meta["grid"]), defaults=defaults,
                         low_res=int(super_res.get("low_res", 0)),
                         sample_noise_level=float(super_res.get("sample_noise_level", 0.0)),
-                        decode=decode if meta["space"] == "latent" else None)
+                        decode=decode if meta["space"] == "latent" else None,
+                        drop_sizes=bool(model.get("micro_conditioning", {}).get("drop_with_text", False)),
+                        buckets=tuple((int(h), int(w)) for h, w in meta.get("buckets", ())))
 
 
 class Text2Image:
@@ -214,30 +218,52 @@ class Text2Image:
                  steps: int | None = None, sampler: str | None = None, seed: int = 0,
                  image: ImageInput | None = None, image_embeds: torch.Tensor | None = None,
                  init_image: ImageInput | None = None, strength: float = 0.6,
-                 progress: Callable[[int, int], None] | None = None) -> torch.Tensor:
-        """Images (N, 3, R, R) in [-1, 1], N = len(prompts) * num_images (prompt-major order)."""
+                 progress: Callable[[int, int], None] | None = None, original_size: tuple[int, int] | None = None,
+                 crop_top_left: tuple[int, int] = (0, 0), height: int | None = None,
+                 width: int | None = None) -> torch.Tensor:
+        """Images (N, 3, H, W) in [-1, 1], N = len(prompts) * num_images (prompt-major order).
+
+        height / width: the output shape (default: the last stage's resolution; one given, the other defaults to
+        it); a shape the cascade was not trained on fails with one line naming the nearest it can make.
+        original_size / crop_top_left: the size conditioning of stages trained with it (default "uncropped,
+        original = target"; the crop in output pixels), see sample_cascade.
+        """
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         if not prompts or any(not p.strip() for p in prompts):
             raise UsageError("the prompt is empty: say what the image should show")
         if num_images < 1:
             raise UsageError(f"--num-images must be >= 1, got {num_images}")
         settings = self._settings(guidance, steps, sampler)
+        shape = self._shape(height, width)
         prompts = [p for p in prompts for _ in range(num_images)]
         extra = self._image_embeds(prompts, seed, image, image_embeds)
         init = None
         if init_image is not None:
             if not 0.0 < strength <= 1.0:
                 raise UsageError(f"--strength must be in (0, 1], got {strength}")
-            init = self._init_grid(init_image, len(prompts))
+            base_shape = cascade_shapes(self.levels, *shape)[0] if shape else None
+            init = self._init_grid(init_image, len(prompts), base_shape)
         with torch.no_grad():
             outs = sample_cascade(self.levels, prompts, self._encode_text, seed=seed, settings=settings, extra=extra,
-                                  progress=progress, init=init, strength=strength)
+                                  progress=progress, init=init, strength=strength, original_size=original_size,
+                                  crop_top_left=crop_top_left, shape=shape)
         return outs[-1]
 
-    def _init_grid(self, init_image: ImageInput, count: int) -> torch.Tensor:
-        """The base stage's own grid of an init image: pixels at its resolution, or their latents."""
+    def _shape(self, height: int | None, width: int | None) -> tuple[int, int] | None:
+        """The final (height, width) asked for (one given: the other is the last stage's resolution), checked
+        against the cascade's buckets before any model runs; None: the resolution square."""
+        if height is None and width is None:
+            return None
+        side = self.levels[-1].resolution
+        shape = (side if height is None else height, side if width is None else width)
+        cascade_shapes(self.levels, *shape)
+        return shape
+
+    def _init_grid(self, init_image: ImageInput, count: int, shape: tuple[int, int] | None = None) -> torch.Tensor:
+        """The base stage's own grid of an init image: pixels of `shape` (default: its resolution square), or
+        their latents."""
         base = self.levels[0]
-        pixels = to_tensor(_pil(init_image, "--init-image"), base.resolution)[None].to(self.device)
+        pixels = to_tensor(_pil(init_image, "--init-image"), shape or base.resolution)[None].to(self.device)
         if base.decode is not None:
             with torch.no_grad():
                 pixels = self.codec.encode(pixels)
@@ -249,17 +275,19 @@ class Text2Image:
 
     def variations(self, image: ImageInput, *, num_images: int = 4, seed: int = 0, guidance: float | None = None,
                    steps: int | None = None, sampler: str | None = None,
-                   progress: Callable[[int, int], None] | None = None) -> torch.Tensor:
-        """DALL-E 2 variations: images (N, 3, R, R) in [-1, 1] from `image`'s CLIP image embedding alone (the text
-        is the null condition; guidance acts on the image embedding)."""
+                   progress: Callable[[int, int], None] | None = None, height: int | None = None,
+                   width: int | None = None) -> torch.Tensor:
+        """DALL-E 2 variations: images (N, 3, H, W) in [-1, 1] from `image`'s CLIP image embedding alone (the text
+        is the null condition; guidance acts on the image embedding); height / width as in :meth:`generate`."""
         if num_images < 1:
             raise UsageError(f"--num-images must be >= 1, got {num_images}")
         settings = self._settings(guidance, steps, sampler)
+        shape = self._shape(height, width)
         extra = self._image_embeds(["variation"] * num_images, seed, image, None)
         encode = lambda prompts, level: self._encode_text(None, level, len(prompts))  # noqa: E731
         with torch.no_grad():
             return sample_cascade(self.levels, [""] * num_images, encode, seed=seed, settings=settings, extra=extra,
-                                  progress=progress)[-1]
+                                  progress=progress, shape=shape)[-1]
 
     def interpolate(self, prompt: str, start: ImageInput | torch.Tensor, end: ImageInput | torch.Tensor, *,
                     frames: int = 5, seed: int = 0, **kwargs) -> list[Image.Image]:
@@ -289,7 +317,8 @@ def save_grid(images: list[Image.Image], path: Path) -> None:
 def sample_to_file(bundle: Path, prompt: str | None, out: Path, *, num_images: int = 1, guidance: float | None = None,
                    steps: int | None = None, sampler: str | None = None, seed: int = 0, device: str = "cpu",
                    out_dir: Path | None = None, image: Path | None = None, init_image: Path | None = None,
-                   strength: float = 0.6, progress: Callable[[int, int], None] | None = None) -> list[Path]:
+                   strength: float = 0.6, progress: Callable[[int, int], None] | None = None,
+                   height: int | None = None, width: int | None = None) -> list[Path]:
     """Generate images for `prompt` from `bundle` into the PNG grid `out` (and one PNG each into `out_dir`)."""
     if out.suffix.lower() != ".png":
         raise UsageError(f"--out must name a .png file, got {out}")
@@ -300,10 +329,11 @@ def sample_to_file(bundle: Path, prompt: str | None, out: Path, *, num_images: i
         if init_image is not None:
             raise UsageError("--init-image needs a --prompt")
         images = to_pil(t2i.variations(image, num_images=num_images, seed=seed, guidance=guidance, steps=steps,
-                                       sampler=sampler, progress=progress))
+                                       sampler=sampler, progress=progress, height=height, width=width))
     else:
         images = t2i(prompt, num_images=num_images, guidance=guidance, steps=steps, sampler=sampler, seed=seed,
-                     image=image, init_image=init_image, strength=strength, progress=progress)
+                     image=image, init_image=init_image, strength=strength, progress=progress, height=height,
+                     width=width)
     save_grid(images, out)
     written = [out]
     if out_dir is not None:

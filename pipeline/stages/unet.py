@@ -23,6 +23,7 @@ from torch import nn
 from pipeline.bundle import STAGE_META, describe_files, read_index
 from pipeline.config import Config
 from pipeline.config_schema import to_dict
+from pipeline.data.buckets import resolve_shapes
 from pipeline.data.spec import SampleSpec
 from pipeline.data.synthetic import parse_caption
 from pipeline.diffusion.objective import cfg_drop, diffusion_loss, random_levels, stratified_timesteps
@@ -35,10 +36,11 @@ from pipeline.eval.generation import GenerationMetrics, generation_figures, qual
 from pipeline.models.dit import build_dit
 from pipeline.models.diffusers_attention import install_attention
 from pipeline.models.fused_norm import install_fused_norm
-from pipeline.models.unet import Conditioning, build_unet, null_condition, unet_forward
+from pipeline.models.unet import Conditioning, build_unet, default_sizes, null_condition, unet_forward
 from pipeline.sampling.cascade import CascadeLevel, SamplingConfig, low_res_input, sample_level
 from pipeline.stages.autoencoder import load_codec
-from pipeline.stages.unet_config import UNetStageConfig, _is_local, autoencoder_geometry, text_encoder_dim
+from pipeline.stages.unet_config import (UNetStageConfig, _is_local, autoencoder_geometry, check_buckets,
+                                        text_encoder_dim)
 from pipeline.text.t5 import FrozenT5Encoder, T5Tokenize, save_t5
 from pipeline.train.stage import EvalSums, MetricSums, Stage, StageContext, StepOutput
 
@@ -54,15 +56,17 @@ def guidance_dropout(inputs: dict[str, torch.Tensor], mcfg: UNetStageConfig,
     (`image_embed.drop_prob`), the text alone (`image_embed.text_drop_prob`: DALL-E 2 variations). Independent drops
     of text and embedding alone would leave the unconditional branch the product of the two (1% at 0.1 each), too
     rare to learn: guidance then extrapolated from a poor unconditional model (measured on the demo: no gain at
-    scale 3, a loss at 5).
+    scale 3, a loss at 5). Size/crop conditioning is dropped with the text only when
+    `micro_conditioning.drop_with_text` says so.
     """
     batch = inputs["text"].shape[0]
     embed = bool(mcfg.image_embed.dim)
+    text = ("text", "sizes") if mcfg.micro_conditioning.drop_with_text else ("text",)
     inputs = null_condition(inputs, cfg_drop(batch, mcfg.cond_drop_prob, device),
-                            keys=("text", "image_embed") if embed else ("text",))
+                            keys=(*text, "image_embed") if embed else text)
     if embed:
         inputs = null_condition(inputs, cfg_drop(batch, mcfg.image_embed.drop_prob, device), keys=("image_embed",))
-        inputs = null_condition(inputs, cfg_drop(batch, mcfg.image_embed.text_drop_prob, device), keys=("text",))
+        inputs = null_condition(inputs, cfg_drop(batch, mcfg.image_embed.text_drop_prob, device), keys=text)
     return inputs
 
 
@@ -93,6 +97,20 @@ class UNetStage(Stage):
                 raise ConfigError(f"data.resolution ({self.resolution}) / the autoencoder's factor {factor} must be "
                                   f"a whole latent side divisible by {multiple} ({why})")
             self.grid = (channels, self.resolution // factor, self.resolution // factor)
+        if self.mcfg.micro_conditioning.enabled and not cfg.data.buckets.enabled:
+            raise ConfigError("model.micro_conditioning.enabled needs data.buckets.enabled: only the bucketed loader "
+                              "records each image's original size and crop")
+        # the output shapes this stage trains on, recorded in the bundle so that sampling can refuse the others
+        self.buckets = resolve_shapes(cfg.data.buckets, self.resolution) if cfg.data.buckets.enabled else ()
+        if self.buckets and self.mcfg.backbone == "dit":
+            raise ConfigError("data.buckets: the dit backbone trains on square images only (not supported yet); "
+                              "use model.backbone unet")
+        check_buckets(self.buckets, self.resolution, self.resolution // self.grid[1], multiple, why,
+                      self.mcfg.super_res.low_res)
+        if self.buckets and self.mcfg.space == "latent" and self.mcfg.latent_source == "precomputed":
+            # `shards precompute --encoder latents:` stores centre-square latents, not the bucket's crop
+            raise ConfigError("model.latent_source: precomputed latents are centre squares and cannot train with "
+                              "data.buckets (not supported yet); use latent_source: encoder")
         self.t5_dim: int | None = None  # known once the T5 (or the first precomputed batch) is seen
         self._quality: tuple | None = None  # eval.num_images: (Inception, CLIP), loaded at the first evaluation
 
@@ -102,6 +120,11 @@ class UNetStage(Stage):
             return self.mcfg.dit.patch_size, "model.dit.patch_size"
         levels = len(self.mcfg.unet.channel_mult)
         return 2 ** (levels - 1), f"{levels} U-Net levels, model.unet.channel_mult"
+
+    def _grid_shape(self, images: torch.Tensor) -> tuple[int, int]:
+        """(h, w) of the U-Net's sample for images (B, 3, H, W): the pixels, or the latent cells."""
+        factor = self.resolution // self.grid[1]
+        return images.shape[-2] // factor, images.shape[-1] // factor
 
     # ------------------------------------------------------------------------------------------ build
     def sample_spec(self) -> SampleSpec:
@@ -130,11 +153,12 @@ class UNetStage(Stage):
         return paths
 
     def conditioning(self, text_dim: int) -> Conditioning:
-        sr = self.mcfg.super_res
+        sr, micro = self.mcfg.super_res, self.mcfg.micro_conditioning
         return Conditioning(text_dim=text_dim, pooled_text=self.mcfg.unet.pooled_text and self.mcfg.backbone == "unet",
                             image_embed_dim=self.mcfg.image_embed.dim,
                             level_dim=sr.level_embed_dim if sr.low_res else 0,
-                            low_res_channels=3 if sr.low_res else 0, backbone=self.mcfg.backbone)
+                            low_res_channels=3 if sr.low_res else 0,
+                            size_dim=micro.embed_dim if micro.enabled else 0, backbone=self.mcfg.backbone)
 
     def _text_dim(self) -> int:
         if self.t5_dim is None:
@@ -190,10 +214,12 @@ class UNetStage(Stage):
         return {"text": text, "mask": mask}
 
     def _low_res(self, images: torch.Tensor) -> torch.Tensor:
-        """The batch images (B, 3, R, R) downsampled to the low resolution (antialiased bicubic, like the loader's
-        PIL resize that made the previous stage's training images)."""
+        """The batch images (B, 3, H, W) downsampled by low_res / R: the same bucket at the previous stage's
+        resolution (antialiased bicubic, like the loader's PIL resize that made the previous stage's training
+        images)."""
         low = self.mcfg.super_res.low_res
-        return F.interpolate(images.float(), size=(low, low), mode="bicubic", antialias=True,
+        size = (images.shape[-2] * low // self.resolution, images.shape[-1] * low // self.resolution)
+        return F.interpolate(images.float(), size=size, mode="bicubic", antialias=True,
                              align_corners=False).clamp(-1.0, 1.0)
 
     def _inputs(self, frozen: Mapping[str, nn.Module], batch: dict, train: bool,
@@ -214,9 +240,20 @@ class UNetStage(Stage):
             level = (random_levels(batch_size, sr.max_train_noise_level, self.ctx.device) if train
                      else torch.full((batch_size,), sr.sample_noise_level, device=self.ctx.device))
             gens = None if generator is None else [generator] * batch_size  # drawn in turn, image by image
-            inputs["low_res"] = low_res_input(self._low_res(images), self.sampler(None), level, gens).to(images.dtype)
+            inputs["low_res"] = low_res_input(self._low_res(images), self.sampler(None), level, gens,
+                                              size=self._grid_shape(images)).to(images.dtype)
             inputs["level"] = level
+        if self.mcfg.micro_conditioning.enabled:
+            inputs["sizes"] = self._sizes(batch, images)
         return inputs
+
+    def _sizes(self, batch: dict, images: torch.Tensor) -> torch.Tensor:
+        """(B, 6) int64 original size, crop and target size of the batch images: the bucketed loader's record, or
+        (evaluation batches, which carry none) "uncropped, original = target" as at sampling."""
+        if "orig_size" not in batch:
+            return default_sizes(images.shape[0], images.shape[-2], images.shape[-1], device=self.ctx.device)
+        parts = [batch[k] for k in ("orig_size", "crop_top_left", "target_size")]
+        return torch.cat(parts, dim=1).to(self.ctx.device, non_blocking=True)
 
     # ----------------------------------------------------------------------------------------- train
     def training_step(self, models: Mapping[str, nn.Module], frozen: Mapping[str, nn.Module], batch: dict,
@@ -247,12 +284,16 @@ class UNetStage(Stage):
         return CascadeLevel(name=self.mcfg.name, unet=unet, cond=self.conditioning(self._text_dim()),
                             schedule=self.schedule, target=self.mcfg.diffusion.target, resolution=self.resolution,
                             grid=self.grid, defaults=settings or self.mcfg.sampling, low_res=sr.low_res,
-                            sample_noise_level=sr.sample_noise_level, decode=decode)
+                            sample_noise_level=sr.sample_noise_level, decode=decode,
+                            drop_sizes=self.mcfg.micro_conditioning.drop_with_text, buckets=self.buckets)
 
     def _sample_for(self, unet: nn.Module, frozen: Mapping[str, nn.Module], batch: dict, guidance: float,
                     seed: int, image_indices: list[int] | None = None) -> torch.Tensor:
-        """Images (B, 3, R, R) in [-1, 1] for the batch's captions (and low-res images for super-resolution)."""
-        inputs = {k: v for k, v in self._inputs(frozen, batch, train=False).items() if k not in ("low_res", "level")}
+        """Images (B, 3, H, W) in [-1, 1], the batch images' shape, for the batch's captions (and low-res images
+        for super-resolution)."""
+        # sizes left out too: grids and fidelity sample with the sampling default, as a user does
+        inputs = {k: v for k, v in self._inputs(frozen, batch, train=False).items()
+                  if k not in ("low_res", "level", "sizes")}
         if self.mcfg.super_res.low_res:
             inputs["images"] = self._low_res(batch["image"])
         settings = SamplingConfig(sampler=self.mcfg.sampling.sampler, guidance=guidance,
@@ -260,7 +301,7 @@ class UNetStage(Stage):
                                   dynamic_threshold=self.mcfg.sampling.dynamic_threshold)
         decode = frozen["autoencoder"].decode if self.mcfg.space == "latent" else None
         return sample_level(self.sampler(unet, decode=decode), inputs, settings=settings, seed=seed,
-                            image_indices=image_indices)
+                            image_indices=image_indices, shape=tuple(batch["image"].shape[-2:]))
 
     def sample_images(self, models: Mapping[str, nn.Module], frozen: Mapping[str, nn.Module], seed: int,
                       batch: dict | None = None) -> torch.Tensor | None:
@@ -405,6 +446,7 @@ class UNetStage(Stage):
         (out_dir / "scheduler").mkdir(parents=True, exist_ok=True)
         (out_dir / "scheduler" / "scheduler_config.json").write_text(json.dumps(scheduler, indent=2) + "\n")
         stage = {"name": mcfg.name, "space": mcfg.space, "resolution": self.resolution, "grid": list(self.grid),
+                 "buckets": [list(s) for s in self.sampler(None).shapes],
                  "conditioning": self.conditioning(self._text_dim()).__dict__, "model": to_dict(mcfg)}
         if mcfg.space == "latent":  # which autoencoder the latents belong to: the bundle's must be this one
             stage["autoencoder_sha256"] = autoencoder_digest(mcfg.autoencoder)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -61,6 +62,23 @@ class ImageEmbedConfig:
 
 
 @dataclass(frozen=True)
+class MicroConditioningConfig:
+    """SDXL size and crop conditioning: the U-Net sees each training image's original size, crop and target size
+    (pipeline/models/unet.py, "sizes"), so at sampling "uncropped, original = target" asks for whole framing."""
+
+    enabled: bool = doc(False, "Condition on original height/width, crop top/left and target height/width (needs "
+                               "data.buckets.enabled: the bucketed loader records them).")
+    embed_dim: int = doc(32, "Width of the sinusoidal features of each of the six pixel counts (6 x this are added "
+                             "to the class vector).")
+    drop_with_text: bool = doc(False, "Replace the sizes by the null sizes (zeros) whenever the text is dropped for "
+                                      "guidance, so guidance also pushes towards them; off (SDXL): kept in both "
+                                      "branches.")
+
+    def __post_init__(self) -> None:
+        check(self.embed_dim >= 2, "model.micro_conditioning.embed_dim", f"must be >= 2, got {self.embed_dim}")
+
+
+@dataclass(frozen=True)
 class UNetStageConfig:
     """The `model:` section of a `stage: unet` config."""
 
@@ -94,6 +112,8 @@ class UNetStageConfig:
                                      "guidance training).")
     super_res: SuperResConfig = doc(SuperResConfig(), "Super-resolution settings (low_res 0 = base stage).")
     image_embed: ImageEmbedConfig = doc(ImageEmbedConfig(), "CLIP image-embedding (unCLIP) conditioning.")
+    micro_conditioning: MicroConditioningConfig = doc(MicroConditioningConfig(),
+                                                      "SDXL size and crop conditioning (off by default).")
     sampling: SamplingConfig = doc(SamplingConfig(), "Default sampling settings (grids, evaluation, export).")
     eval_prompts: int = doc(0, "Held-out captions per evaluation whose samples are scored for prompt fidelity "
                                "(per run, in evaluation batches; 0 = off). The checker reads only the synthetic "
@@ -105,6 +125,8 @@ class UNetStageConfig:
         check(bool(self.name) and self.name.replace("_", "").isalnum(), "model.name",
               f"must be a non-empty identifier (letters, digits, _), got {self.name!r}")
         check(self.backbone in ("unet", "dit"), "model.backbone", f"must be unet or dit, got {self.backbone!r}")
+        check(self.backbone == "unet" or not self.micro_conditioning.enabled, "model.micro_conditioning.enabled",
+              "size and crop conditioning enters through the U-Net's class embedding: use model.backbone unet")
         check(self.backbone == "unet" or not self.image_embed.dim, "model.image_embed.dim",
               "unCLIP conditioning enters through the U-Net's class embedding: use model.backbone unet")
         check(self.attention in ATTENTION_BACKENDS, "model.attention", f"must be one of {ATTENTION_BACKENDS}")
@@ -164,3 +186,21 @@ def autoencoder_geometry(path: str) -> tuple[int, int, int]:
     if cfg.stage != "autoencoder":
         raise ConfigError(f"model.autoencoder: {path} is a {cfg.stage!r} run, not an autoencoder run")
     return cfg.model.autoencoder.latent_channels, cfg.model.autoencoder.factor, cfg.data.resolution
+
+
+def check_buckets(buckets: tuple[tuple[int, int], ...], resolution: int, factor: int, grid_multiple: int,
+                  why: str, low_res: int) -> None:
+    """ConfigError unless every (height, width) bucket is whole latent cells (autoencoder factor; 1 in pixel space)
+    that the network's grid multiple divides (the U-Net's 2^(levels-1) down-sampling, `why` says which), and
+    (super-resolution) scales by low_res / resolution to a whole low-resolution image: the same bucket at the
+    previous stage's resolution."""
+    divisor = factor * grid_multiple
+    multiple = resolution // math.gcd(low_res, resolution) if low_res else 1
+    for height, width in buckets:
+        if height % divisor or width % divisor:
+            raise ConfigError(f"data.buckets: bucket {height}x{width} is not divisible by {divisor} (autoencoder "
+                              f"factor {factor} x {grid_multiple}: {why}); choose a step (or shapes) that it divides")
+        if height % multiple or width % multiple:
+            raise ConfigError(f"data.buckets: bucket {height}x{width} at {resolution} px is no whole image at the "
+                              f"low resolution {low_res} px (model.super_res.low_res); choose a step (or shapes) "
+                              f"that {multiple} divides")

@@ -105,3 +105,33 @@ def test_parse_caption_inverts_caption_for_and_rejects_other_text():
                  "a large red circle on the left and a small blue square at the top and a large red square "
                  "in the center", ""):
         assert parse_caption(text) is None, text
+
+
+def test_aspect_ratio_canvases_keep_what_positions_mean(tmp_path, capsys):
+    """`shards synthetic --aspect-ratios`: canvases cycle through the shapes at about R^2 area; "on the left" is
+    the left quarter of every canvas, radii scale with the short side."""
+    from pipeline.cli.main import main
+
+    assert main(["shards", "synthetic", "--out", str(tmp_path), "--num-samples", "40", "--resolution", "32",
+                 "--aspect-ratios", "1:1,4:3,3:4,16:9,9:16", "--format", "png"]) == 0
+    samples = read_samples(tmp_path)
+    sizes = {}
+    for key, sample in samples.items():
+        meta = json.loads(sample["json"])
+        width, height = Image.open(io.BytesIO(sample["png"])).size
+        assert (width, height) == (meta["width"], meta["height"])
+        sizes[(width, height)] = sizes.get((width, height), 0) + 1
+        pixels = np.asarray(Image.open(io.BytesIO(sample["png"])).convert("RGB")).astype(int)
+        for obj in (SceneObject(**o) for o in meta["objects"]):
+            fx, fy = obj.cx / width, obj.cy / height
+            expected = {"left": fx < 0.31, "right": fx > 0.69, "top": fy < 0.31, "bottom": fy > 0.69,
+                        "center": abs(fx - 0.5) < 0.04 and abs(fy - 0.5) < 0.04}[obj.position]
+            assert expected, (key, obj, width, height)
+            assert 0.09 * min(width, height) <= obj.radius <= 0.23 * min(width, height)
+        top = SceneObject(**meta["objects"][-1])
+        assert np.abs(pixels[int(top.cy), int(top.cx)] - COLOURS[top.colour]).max() <= 12
+    assert sizes == {(32, 32): 8, (37, 28): 8, (28, 37): 8, (43, 24): 8, (24, 43): 8}
+    assert json.loads((tmp_path / "shards.json").read_text())["aspects"] == ["1:1", "4:3", "3:4", "16:9", "9:16"]
+    assert main(["shards", "synthetic", "--out", str(tmp_path / "bad"), "--num-samples", "4",
+                 "--aspect-ratios", "16-9"]) != 0
+    assert "--aspect-ratios: aspect ratio '16-9' is not W:H" in capsys.readouterr().err

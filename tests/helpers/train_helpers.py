@@ -115,22 +115,52 @@ def wait_for(predicate, timeout: float, proc: subprocess.Popen | None = None, wh
     raise AssertionError(f"timed out after {timeout} s waiting for {what}")
 
 
+def _descendants(pid: int) -> list[int]:
+    """Every process below `pid` (from /proc), children first."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue  # exited meanwhile
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    out, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            out.append(child)
+            todo.append(child)
+    return out
+
+
+def kill_tree(pid: int) -> None:
+    """SIGKILL `pid`'s process group and every process below it: torchrun starts its ranks in their own sessions,
+    so killing the launcher's group alone would leave the ranks training on."""
+    below = _descendants(pid)
+    os.killpg(pid, signal.SIGKILL)
+    for child in below:
+        try:
+            os.kill(child, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
 def kill_and_resume(config: Path, tmp_path: Path, max_steps: int, *overrides: str,
-                    timeout: float = 600) -> tuple[Path, Path]:
+                    timeout: float = 600, nproc: int = 1) -> tuple[Path, Path]:
     """An uninterrupted reference run, and a run SIGKILLed (with its data workers) after its step-8 checkpoint and
     re-run to the end; asserts the kill landed before the end, the re-run resumed at step 8 and logged every step
-    once. Returns (ref, run) run dirs. `overrides` apply to the killed attempt only (e.g. a step sleep)."""
+    once. Returns (ref, run) run dirs. `overrides` apply to the killed attempt only (e.g. a step sleep); `nproc`
+    ranks run under torchrun."""
     ref, run = tmp_path / "ref", tmp_path / "run"
-    done = train_subprocess(config, ref, timeout=timeout)
+    done = train_subprocess(config, ref, nproc, timeout=timeout)
     assert done.returncode == 0, done.stderr[-3000:]
-    proc = start_subprocess(config, run, 1, *overrides)
+    proc = start_subprocess(config, run, nproc, *overrides)
     wait_for(lambda: latest_name(run) == "step_00000008", 300, proc, "the step-8 checkpoint")
-    os.killpg(proc.pid, signal.SIGKILL)  # the trainer and its data workers, mid-step 9 or later
+    kill_tree(proc.pid)  # the trainer(s) and their data workers, mid-step 9 or later
     proc.wait(timeout=30)
     assert not (run / "checkpoints" / f"step_{max_steps:08d}").exists()
-    resumed = train_subprocess(config, run, timeout=timeout)
+    resumed = train_subprocess(config, run, nproc, timeout=timeout)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert "resumed from" in resumed.stderr and "(step 8)" in resumed.stderr
+    assert "resumed from" in resumed.stderr and "(step 8)" in resumed.stderr, resumed.stderr[-3000:]
     assert [r["step"] for r in read_metrics(run)] == list(range(1, max_steps + 1))  # one record per step
     return ref, run
 
