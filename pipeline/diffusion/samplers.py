@@ -308,16 +308,24 @@ def sample_loop(predict: Predict, noise: Tensor, schedule: Schedule, target: str
         t, abar = _noise_level(scheduler, kind, schedule, index, timestep, batch, noise.device)
         out = predict(x_in.to(torch.float32), t)
         x0, _ = x0_eps_from_output(x_in, out.to(torch.float64), abar, target)
-        if threshold is not None:
-            x0 = threshold(x0)
-        if progress is not None:
-            progress(index + 1 - start, total - start)
+        x0 = _settle(x0, threshold, progress, index + 1 - start, total - start)
         if index == total - 1:
             # Every sampler's last update lands on the clean sample (sigma 0 / abar 1), where it returns x0 itself
             # (plus, for ddpm, noise of std 1e-10): returning our x0 is the same, without the float32 round trip.
             return x0.to(torch.float32)
         x = scheduler.step(x0.to(torch.float64), timestep, x, **kind.step_options(sampler, gens)).prev_sample
     raise AssertionError("unreachable: set_timesteps produced no timesteps")
+
+
+def _settle(x0: Tensor, threshold: Callable[[Tensor], Tensor] | None, progress: Callable[[int, int], None] | None,
+            done: int, total: int) -> Tensor:
+    """One loop position's x0 estimate (B, C, H, W), thresholded when configured, with its progress reported: the
+    part of a step every sampling loop shares."""
+    if threshold is not None:
+        x0 = threshold(x0)
+    if progress is not None:
+        progress(done, total)
+    return x0
 
 
 def flow_loop(predict: Predict, noise: Tensor, schedule: FlowSchedule, sampler: SamplerConfig, *,
@@ -347,10 +355,7 @@ def flow_loop(predict: Predict, noise: Tensor, schedule: FlowSchedule, sampler: 
         t = (sigma * schedule.num_timesteps).to(torch.float32).expand(batch)
         velocity = predict(x.to(torch.float32), t).to(torch.float64)
         x0 = x - sigma * velocity
-        if threshold is not None:
-            x0 = threshold(x0)
-        if progress is not None:
-            progress(index + 1 - start, total - start)
+        x0 = _settle(x0, threshold, progress, index + 1 - start, total - start)
         if index == total - 1:
             return x0.to(torch.float32)
         velocity = (x - x0) / sigma
