@@ -10,31 +10,40 @@
 #   0. install the packages the GPU machine lacks from the wheels carried in .whl/ (into /tmp/site, PYTHONPATH),
 #      and record the machine (nvidia-smi, versions, which imports work)
 #   1. python -m pytest tests/kernels -m gpu                       -> kernels_gpu.txt
-#   2. python benchmarks/attention.py                              -> attention.md
-#   3. python benchmarks/groupnorm_silu.py                         -> groupnorm_silu.md
-#   4. benchmarks/train_throughput.py, 64 px base U-Net (configs/unet/base64.yaml, ~440 M parameters),
+#   2. benchmarks/bucket_compile.py: the demo's bucketed U-Net with train.compile on, 3 bucket shapes x 2 rounds per
+#      train.compile_shapes policy (eager, dynamic, torch's default, static): compiles and step time
+#                                                                  -> bucket_compile.md
+#   3. python benchmarks/attention.py                              -> attention.md
+#   4. python benchmarks/groupnorm_silu.py                         -> groupnorm_silu.md
+#   5. benchmarks/train_throughput.py, 64 px base U-Net (configs/unet/base64.yaml, ~440 M parameters),
 #      synthetic data (precomputed T5-XXL-shaped tokens), bf16, ZeRO-2, the config's fast path (triton attention,
 #      train.compile auto = on: the first warm-up step compiles)  -> train_base64.md
-#   5. benchmarks/train_throughput.py, 256 px latent U-Net of SD2's size (configs/unet/latent256_sd2.yaml,
+#   6. benchmarks/train_throughput.py, 256 px latent U-Net of SD2's size (configs/unet/latent256_sd2.yaml,
 #      ~877 M parameters) on precomputed-style random latents, with a random-weight KL-f8 autoencoder folder
 #      built from configs/autoencoder/kl_f8.yaml (only loaded, never run in the step); eager
 #      (GPU_CHECK_LATENT_COMPILE=auto compiles it too, if the budget allows)  -> train_latent256.md
-#   6. benchmarks/peers.py: the same latent U-Net's Trainer step (ZeRO-0 and ZeRO-2) next to the plain diffusers
+#   7. benchmarks/peers.py: the same latent U-Net's Trainer step (ZeRO-0 and ZeRO-2) next to the plain diffusers
 #      training loop, bf16  -> peers_latent256.md
 #   summary.md: the machine, one status line per step and every table above, in that order.
 #
+# Time: the first H200 run (2026-12-04) found every step far slower than these limits once assumed (the Triton and
+# Inductor compiles dominate: a tiny bucketed U-Net took 146 s to compile, the 440 M U-Net more than 150 s), so a
+# whole pass needs ~30 min, more than one 10-minute device call: run it in parts, e.g.
+#   GPU_CHECK_ONLY=train_base64 bash benchmarks/gpu_check.sh
+#   GPU_CHECK_ONLY=kernels_gpu,attention,groupnorm_silu bash benchmarks/gpu_check.sh
 # Output folder: $OUT when set (the device runner's folder), else benchmarks/out/. Logs of every step: logs/.
-# Environment knobs: PYTHON (default python3, or .venv/bin/python when python3 has no torch), GPU_CHECK_BUDGET_S
+# Environment knobs: GPU_CHECK_ONLY (comma-separated step names; default all), PYTHON (default python3, or
+# .venv/bin/python when python3 has no torch), GPU_CHECK_BUDGET_S
 # (default 580: the whole run; a step gets at most what is left), GPU_CHECK_LATENT_COMPILE (off), WHEEL_DIR (.whl),
 # SITE_DIR (/tmp/site).
 #
 # Carrying wheels: the GPU machine has no network and lacks deepspeed, diffusers, webdataset, open_clip_torch,
-# ftfy, braceexpand (and may lack some of their small dependencies). Fill the git-ignored folder .whl/ on a
+# ftfy, braceexpand, torch-fidelity (and may lack some of their small dependencies). Fill the git-ignored folder .whl/ on a
 # machine with internet (`bash benchmarks/gpu_check.sh --fill-wheels` runs exactly this):
 #   pip download --no-deps -d .whl --python-version 3.12 --implementation cp --platform manylinux2014_x86_64 \
 #       --only-binary=:all: webdataset==1.0.2 braceexpand open_clip_torch==3.3.0 timm==1.0.31 ftfy wcwidth \
 #       diffusers==0.42.1 hjson py-cpuinfo einops msgpack pydantic==2.14.3 pydantic-core==2.50.4 annotated-types \
-#       typing-inspection
+#       typing-inspection torch-fidelity==0.4.0
 #   DS_BUILD_OPS=0 pip wheel --no-deps --no-build-isolation -w .whl deepspeed==0.19.8   # a py3-none-any wheel
 # (--python-version/--platform pick wheels for the GPU machine's Python 3.12; the binary ones are msgpack and
 # pydantic-core; pip wheel for deepspeed needs torch importable where it runs.) Then hand .whl/ to the run, e.g.
@@ -46,6 +55,7 @@ WHEEL_DIR=${WHEEL_DIR:-.whl}
 SITE_DIR=${SITE_DIR:-/tmp/site}
 BUDGET_S=${GPU_CHECK_BUDGET_S:-580}
 LATENT_COMPILE=${GPU_CHECK_LATENT_COMPILE:-off}
+ONLY=${GPU_CHECK_ONLY:-}
 MODE=run
 case "${1:-}" in
   --dry-run) MODE=dry ;;
@@ -55,7 +65,7 @@ case "${1:-}" in
 esac
 
 PURE_WHEELS="webdataset==1.0.2 braceexpand open_clip_torch==3.3.0 timm==1.0.31 ftfy wcwidth diffusers==0.42.1 \
-hjson py-cpuinfo einops annotated-types typing-inspection"
+hjson py-cpuinfo einops annotated-types typing-inspection torch-fidelity==0.4.0"
 BINARY_WHEELS="msgpack pydantic==2.14.3 pydantic-core==2.50.4"
 
 if [ "$MODE" = fill ]; then
@@ -86,20 +96,34 @@ fi
 
 # name | time limit (s) | stdout file | command (no quoted arguments: it is split on spaces)
 step_plan=(
-  "kernels_gpu|90|kernels_gpu.txt|$PYTHON -m pytest tests/kernels -m gpu -q -p no:cacheprovider"
-  "attention|75|attention.md|$PYTHON benchmarks/attention.py"
-  "groupnorm_silu|40|groupnorm_silu.md|$PYTHON benchmarks/groupnorm_silu.py"
-  "train_base64|170|train_base64.log|$PYTHON benchmarks/train_throughput.py --config configs/unet/base64.yaml \
+  "kernels_gpu|240|kernels_gpu.txt|$PYTHON -m pytest tests/kernels -m gpu -q -p no:cacheprovider"
+  "bucket_compile|420|bucket_compile.log|$PYTHON benchmarks/bucket_compile.py --shapes 3 --rounds 2 \
+--policies eager dynamic default --out $OUT_DIR/bucket_compile.md"
+  "attention|90|attention.md|$PYTHON benchmarks/attention.py"
+  "groupnorm_silu|60|groupnorm_silu.md|$PYTHON benchmarks/groupnorm_silu.py"
+  "train_base64|420|train_base64.log|$PYTHON benchmarks/train_throughput.py --config configs/unet/base64.yaml \
 --set model.text_source=precomputed train.precision=bf16 --steps 10 --warmup 3 --out $OUT_DIR/train_base64.md"
-  "train_latent256|120|train_latent256.log|$PYTHON benchmarks/train_throughput.py \
+  "train_latent256|300|train_latent256.log|$PYTHON benchmarks/train_throughput.py \
 --config configs/unet/latent256_sd2.yaml --random-autoencoder configs/autoencoder/kl_f8.yaml \
 --set model.text_source=precomputed model.latent_source=precomputed train.precision=bf16 train.compile=$LATENT_COMPILE \
 --steps 10 --warmup 3 --out $OUT_DIR/train_latent256.md"
-  "peers_latent256|80|peers_latent256.log|$PYTHON benchmarks/peers.py --only train \
+  "peers_latent256|300|peers_latent256.log|$PYTHON benchmarks/peers.py --only train \
 --train-config configs/unet/latent256_sd2.yaml --random-autoencoder configs/autoencoder/kl_f8.yaml \
 --set model.text_source=precomputed model.latent_source=precomputed train.precision=bf16 --batch 8 --steps 5 \
 --rounds 3 --out $OUT_DIR/peers_latent256.md"
 )
+
+if [ -n "$ONLY" ]; then
+  chosen=()
+  for entry in "${step_plan[@]}"; do
+    case ",$ONLY," in *",${entry%%|*},"*) chosen+=("$entry") ;; esac
+  done
+  if [ "${#chosen[@]}" -eq 0 ]; then
+    echo "GPU_CHECK_ONLY=$ONLY names no step; steps: $(printf '%s ' "${step_plan[@]%%|*}")" >&2
+    exit 2
+  fi
+  step_plan=("${chosen[@]}")
+fi
 
 if [ "$MODE" = dry ]; then
   echo "gpu_check plan (budget ${BUDGET_S} s, output $OUT_DIR, python $PYTHON):"
@@ -184,7 +208,7 @@ if ! "$PYTHON" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() el
   step_plan=()
 fi
 
-# ---- 1-5 --------------------------------------------------------------------------------------------------------
+# ---- 1-7 --------------------------------------------------------------------------------------------------------
 for entry in "${step_plan[@]}"; do
   IFS='|' read -r name limit out command <<< "$entry"
   # shellcheck disable=SC2086  # the command string is split into words on purpose (no quoted arguments in it)
@@ -202,7 +226,7 @@ done
   echo "| step | status | seconds | output |"
   echo "|---|---|---|---|"
   cat "$STATUS"
-  for table in attention.md groupnorm_silu.md train_base64.md train_latent256.md peers_latent256.md; do
+  for table in bucket_compile.md attention.md groupnorm_silu.md train_base64.md train_latent256.md peers_latent256.md; do
     if [ -s "$OUT_DIR/$table" ]; then
       echo
       cat "$OUT_DIR/$table"

@@ -148,6 +148,12 @@ class TrainConfig:
                 "hooks break graph capture (logged).")
     compile_backend: str = doc("inductor", "torch.compile backend: 'inductor' (generated kernels); 'aot_eager' "
                                            "captures graphs without generating code (a quick check on CPU).")
+    compile_shapes: Literal["auto", "dynamic", "static"] = doc(
+        "auto", "How train.compile treats input shapes. 'dynamic': the image height and width are symbolic from "
+                "the first compile, so one graph serves every bucket shape. 'static': a graph specialised per shape "
+                "(one compile per bucket shape; the recompile limit is raised to 2 x buckets + 4 so no bucket falls "
+                "back to eager). 'auto': dynamic with data.buckets, else torch's default (static, made dynamic after "
+                "the first shape change).")
     ema_decay: float = doc(0.0, "Exponential moving average decay of trainable weights per step; 0 disables EMA.")
     log_every: int = doc(10, "Optimizer steps between metric records (metrics.jsonl, TensorBoard, progress bar).")
     sample_every: int = doc(0, "Optimizer steps between sample grids for generative stages; 0 disables.")
@@ -264,6 +270,14 @@ class Config:
 
 
 SECTIONS = {f.name: f for f in dataclasses.fields(Config)}
+
+
+def compile_shapes(cfg: Config) -> str:
+    """train.compile_shapes resolved: 'dynamic' | 'static' | 'default' (torch's own: 'auto' without buckets)."""
+    policy = cfg.train.compile_shapes
+    if policy == "auto":
+        return "dynamic" if cfg.data.buckets.enabled else "default"
+    return policy
 
 
 def _model_config_class(stage: Any, source: str) -> type:

@@ -122,7 +122,8 @@ def trusted_layout(mask: torch.Tensor, batch: int, heads: int, lq: int, allow_ca
 
     UNet2DConditionModel's text bias (B, 1, Lk) and PriorTransformer's causal + padding bias (B*heads, L, L) (its
     last query row sees every unpadded key). Used on CUDA, where :func:`decompose_mask`'s exact checks would cost a
-    host-device synchronisation per forward; on CPU (and in the tests) every mask is checked exactly.
+    host-device synchronisation per forward, and under torch.compile, where they would break the graph; on CPU in
+    eager mode (and in the tests) every mask is checked exactly.
     """
     if not mask.is_floating_point() or mask.dim() != 3:
         return None
@@ -185,10 +186,13 @@ class DispatchAttnProcessor:
                    allow_causal: bool) -> MaskInfo:
         if mask is None:
             return None, False
-        if mask.is_cuda:
+        compiling = torch.compiler.is_compiling()
+        if mask.is_cuda or compiling:
             trusted = trusted_layout(mask, batch, heads, lq, allow_causal)
             if trusted is not None:
                 return trusted
+        if compiling:  # the cache's key is the mask's id(): a guard on it would recompile the graph every step
+            return decompose_mask(mask, batch, heads, lq, allow_causal)
         rows = mask.shape[-2] if mask.dim() > 2 else 1  # a one-row mask fits every lq: one entry for all
         return self._masks.get(mask, (batch, heads, lq if rows > 1 else None, allow_causal),
                                lambda: decompose_mask(mask, batch, heads, lq, allow_causal))

@@ -220,17 +220,21 @@ def class_vector(cond: Conditioning, inputs: dict[str, torch.Tensor]) -> torch.T
 
 
 def unet_forward(unet: nn.Module, cond: Conditioning, x_t: torch.Tensor, t: torch.Tensor,
-                 inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+                 inputs: dict[str, torch.Tensor], *, dynamic_size: bool = False) -> torch.Tensor:
     """One denoiser call under the convention above.
 
     x_t: (B, C, H, W); t: (B,) timesteps (integer or fractional); inputs: "text" (B, L, D_t5), "mask" (B, L) bool,
     and when configured "image_embed" (B, E), "low_res" (B, C_low, H, W), "level" (B,) in [0, 1], "sizes" (B, 6).
     Returns the network output (B, C_out, H, W) in the U-Net's dtype. A DiT backbone (``cond.backbone``) is
-    called under its own convention (:func:`pipeline.models.dit.dit_forward`).
+    called under its own convention (:func:`pipeline.models.dit.dit_forward`). dynamic_size: mark H and W of the
+    network's input dynamic for torch.compile (one graph for every bucket shape; nothing changes in eager mode).
     """
     if cond.backbone == "dit":
         return dit_forward(unet, x_t, t, inputs, super_res=bool(cond.low_res_channels))
     sample = x_t if not cond.low_res_channels else torch.cat([x_t, inputs["low_res"].to(x_t.dtype)], dim=1)
+    if dynamic_size:
+        torch._dynamo.maybe_mark_dynamic(sample, 2)
+        torch._dynamo.maybe_mark_dynamic(sample, 3)
     return unet(sample, t, encoder_hidden_states=inputs["text"], class_labels=class_vector(cond, inputs),
                 encoder_attention_mask=inputs["mask"]).sample
 

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pipeline.bundle import STAGE_META, describe_files, read_index
-from pipeline.config import Config
+from pipeline.config import Config, compile_shapes
 from pipeline.config_schema import to_dict
 from pipeline.data.buckets import resolve_shapes
 from pipeline.data.spec import SampleSpec
@@ -102,6 +102,7 @@ class UNetStage(Stage):
                               "records each image's original size and crop")
         # the output shapes this stage trains on, recorded in the bundle so that sampling can refuse the others
         self.buckets = resolve_shapes(cfg.data.buckets, self.resolution) if cfg.data.buckets.enabled else ()
+        self.dynamic_size = compile_shapes(cfg) == "dynamic"  # train.compile: one graph for all bucket shapes
         if self.buckets and self.mcfg.backbone == "dit":
             raise ConfigError("data.buckets: the dit backbone trains on square images only (not supported yet); "
                               "use model.backbone unet")
@@ -263,8 +264,8 @@ class UNetStage(Stage):
         inputs = self._inputs(frozen, batch, train=True)
         inputs = guidance_dropout(inputs, self.mcfg, self.ctx.device)
         cond = self.conditioning(inputs["text"].shape[-1])
-        out = diffusion_loss(lambda x_t, t: unet_forward(unet, cond, x_t, t, inputs), x0, self.schedule,
-                             self.mcfg.diffusion, weights=self._loss_weights(batch, x0))
+        out = diffusion_loss(lambda x_t, t: unet_forward(unet, cond, x_t, t, inputs, dynamic_size=self.dynamic_size),
+                             x0, self.schedule, self.mcfg.diffusion, weights=self._loss_weights(batch, x0))
         return StepOutput(out.loss, {"mse": out.per_sample.detach().mean()})
 
     def _loss_weights(self, batch: dict, x0: torch.Tensor) -> torch.Tensor | None:

@@ -14,8 +14,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from pipeline.config import Config, DataConfig
+from pipeline.config import Config, DataConfig, compile_shapes
 from pipeline.data import loader as data_loader
+from pipeline.data.buckets import resolve_shapes
 from pipeline.data.sources import expand_shard_specs
 from pipeline.data.spec import BatchLoader, SampleSpec
 from pipeline.errors import CheckpointError, ConfigError, PipelineError
@@ -181,7 +182,27 @@ def apply_fast_path(module: nn.Module, cfg: Config, device: torch.device) -> Non
         if cfg.dist.zero_stage == 3:
             log.warning("train.compile: left eager under ZeRO-3 (its parameter hooks break graph capture)")
             return
-        module.compile(backend=cfg.train.compile_backend)
+        module.compile(backend=cfg.train.compile_backend, **compile_shape_options(cfg))
+
+
+def compile_shape_options(cfg: Config) -> dict[str, Any]:
+    """torch.compile options for train.compile_shapes (see its doc). Bucketed batches change shape from one
+    micro-batch to the next: by default torch compiles a static graph for the first bucket and a dynamic one at the
+    first change (two compiles of a large network); with dynamic=False and its default recompile limit (8) it would
+    run every bucket after the eighth compile eagerly. 'dynamic' passes nothing here: the U-Net stage marks its
+    sample's height and width dynamic at each call (unet_forward's dynamic_size), which keeps every other size
+    static; torch.compile(dynamic=True) would make all of them symbolic, and a feature width equal to an image
+    side (32 and 32) then ties the two and specialises the side back to a constant (seen on the demo config)."""
+    policy = compile_shapes(cfg)
+    if policy != "static":
+        return {}
+    shapes = len(resolve_shapes(cfg.data.buckets, cfg.data.resolution)) if cfg.data.buckets.enabled else 1
+    import torch._dynamo.config as dynamo_config  # torch.compile's recompile limit lives only there
+
+    # a training and an evaluation (no_grad) graph per shape, and a few for the square evaluation batches
+    name = "recompile_limit" if hasattr(dynamo_config, "recompile_limit") else "cache_size_limit"  # torch < 2.7
+    setattr(dynamo_config, name, max(getattr(dynamo_config, name), 2 * shapes + 4))
+    return {"dynamic": False}
 
 
 def build_train_loader(sources: DataSources, data: DataConfig, spec: SampleSpec, cfg: Config,

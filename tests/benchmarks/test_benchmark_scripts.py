@@ -206,6 +206,23 @@ def test_zero_memory_two_ranks_scales_as_the_formula_says(tmp_path):
     assert float(rows[3][10]) > 0  # ZeRO-3 holds its reduce bucket: reported as buffers
 
 
+# ------------------------------------------------------------------------------------------ bucket_compile
+@pytest.mark.slow  # about 80 s of graph capture (aot_eager) on a 2-core CPU
+def test_bucket_compile_counts_one_compile_dynamic_and_one_per_shape_static(tmp_path):
+    """The Trainer's compiled step over 3 bucket shapes x 2 rounds: 'dynamic' compiles at the first step only,
+    'static' once per shape; neither recompiles in the second round (the attention mask cache once keyed a guard on
+    a tensor's id() and recompiled every step: caught here)."""
+    out = tmp_path / "bucket_compile.md"
+    run_script([sys.executable, str(BENCH / "bucket_compile.py"), "--backend", "aot_eager", "--policies", "dynamic",
+                "static", "--shapes", "3", "--rounds", "2", "--set", "train.micro_batch_size=4", "--out", str(out)],
+               timeout=600)
+    rows = {cells[0]: cells for cells in ([c.strip() for c in line.strip().strip("|").split("|")]
+                                          for line in out.read_text(encoding="utf-8").splitlines()
+                                          if line.startswith("| dynamic") or line.startswith("| static"))}
+    assert rows["dynamic"][1:5] == ["3", "6", "1 (0)", "1"]
+    assert rows["static"][1:4] == ["3", "6", "3 (0)"]
+
+
 # ---------------------------------------------------------------------------------------------- gpu_check
 def test_gpu_check_plan_and_wheel_folder():
     subprocess.run(["bash", "-n", str(BENCH / "gpu_check.sh")], check=True)
@@ -214,9 +231,18 @@ def test_gpu_check_plan_and_wheel_folder():
     assert done.returncode == 0, done.stderr
     plan = done.stdout
     for needle in ("pytest tests/kernels -m gpu", "benchmarks/attention.py", "benchmarks/groupnorm_silu.py",
+                   "benchmarks/bucket_compile.py",
                    "configs/unet/base64.yaml", "configs/unet/latent256_sd2.yaml",
                    "--random-autoencoder configs/autoencoder/kl_f8.yaml", "--no-index --no-deps"):
         assert needle in plan, needle
+    only = subprocess.run(["bash", str(BENCH / "gpu_check.sh"), "--dry-run"], cwd=REPO, capture_output=True,
+                          text=True, timeout=60, env={**os.environ, "GPU_CHECK_ONLY": "attention,train_base64"})
+    assert only.returncode == 0, only.stderr
+    assert "benchmarks/attention.py" in only.stdout and "base64.yaml" in only.stdout
+    assert "groupnorm_silu.py" not in only.stdout and "kernels" not in only.stdout
+    wrong = subprocess.run(["bash", str(BENCH / "gpu_check.sh"), "--dry-run"], cwd=REPO, capture_output=True,
+                           text=True, timeout=60, env={**os.environ, "GPU_CHECK_ONLY": "atention"})
+    assert wrong.returncode == 2 and "names no step" in wrong.stderr
     if (REPO / ".git").exists():
         ignored = subprocess.run(["git", "check-ignore", "-q", ".whl/deepspeed-0.19.8-py3-none-any.whl"], cwd=REPO)
         assert ignored.returncode == 0, ".whl/ must be ignored by git (carried wheels are never committed)"
