@@ -29,6 +29,12 @@ def add_parser(sub: argparse._SubParsersAction, common: argparse.ArgumentParser)
                         help="output height in pixels (default: the last stage's resolution); with --width any shape "
                              "every stage was trained on (its buckets), else one line names the nearest")
     parser.add_argument("--width", type=int, default=None, help="output width in pixels (see --height)")
+    parser.add_argument("--original-size", type=_pair, default=None, metavar="H,W",
+                        help="size conditioning of stages trained with it (SDXL): the original image size to ask "
+                             "for, in pixels (default: the output size, i.e. 'a whole, uncropped image')")
+    parser.add_argument("--crop-top-left", type=_pair, default=(0, 0), metavar="TOP,LEFT",
+                        help="size conditioning: the crop offset to ask for, in output pixels (default 0,0: "
+                             "uncropped)")
     parser.add_argument("--seed", type=int, default=0, help="random seed; image i of a seed is the same whatever "
                                                             "--num-images is (default 0)")
     parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
@@ -39,6 +45,14 @@ def add_parser(sub: argparse._SubParsersAction, common: argparse.ArgumentParser)
     parser.add_argument("--strength", type=float, default=0.6,
                         help="with --init-image: how much of the sampling is redone, in (0, 1] (default 0.6)")
     parser.set_defaults(handler=_run)
+
+
+def _pair(text: str) -> tuple[int, int]:
+    """'768,1024' -> (768, 1024): two whole numbers >= 0 (argparse reports the error in one line)."""
+    parts = text.replace("x", ",").split(",")
+    if len(parts) != 2 or not all(p.strip().isdigit() for p in parts):
+        raise argparse.ArgumentTypeError(f"expected two whole numbers H,W (e.g. 768,1024), got {text!r}")
+    return int(parts[0]), int(parts[1])
 
 
 def _progress():
@@ -61,6 +75,7 @@ def _run(args: argparse.Namespace) -> int:
                              steps=args.steps, sampler=args.sampler, seed=args.seed, device=args.device,
                              out_dir=args.out_dir, image=args.image, init_image=args.init_image,
                              strength=args.strength, progress=_progress(), height=args.height,
-                             width=args.width)
+                             width=args.width, original_size=args.original_size,
+                             crop_top_left=args.crop_top_left)
     print(f"wrote {written[0]}" + (f" and {len(written) - 1} images in {args.out_dir}" if len(written) > 1 else ""))
     return 0

@@ -276,9 +276,11 @@ class Text2Image:
     def variations(self, image: ImageInput, *, num_images: int = 4, seed: int = 0, guidance: float | None = None,
                    steps: int | None = None, sampler: str | None = None,
                    progress: Callable[[int, int], None] | None = None, height: int | None = None,
-                   width: int | None = None) -> torch.Tensor:
+                   width: int | None = None, original_size: tuple[int, int] | None = None,
+                   crop_top_left: tuple[int, int] = (0, 0)) -> torch.Tensor:
         """DALL-E 2 variations: images (N, 3, H, W) in [-1, 1] from `image`'s CLIP image embedding alone (the text
-        is the null condition; guidance acts on the image embedding); height / width as in :meth:`generate`."""
+        is the null condition; guidance acts on the image embedding); height / width and the size conditioning
+        as in :meth:`generate`."""
         if num_images < 1:
             raise UsageError(f"--num-images must be >= 1, got {num_images}")
         settings = self._settings(guidance, steps, sampler)
@@ -287,7 +289,8 @@ class Text2Image:
         encode = lambda prompts, level: self._encode_text(None, level, len(prompts))  # noqa: E731
         with torch.no_grad():
             return sample_cascade(self.levels, [""] * num_images, encode, seed=seed, settings=settings, extra=extra,
-                                  progress=progress, shape=shape)[-1]
+                                  progress=progress, shape=shape, original_size=original_size,
+                                  crop_top_left=crop_top_left)[-1]
 
     def interpolate(self, prompt: str, start: ImageInput | torch.Tensor, end: ImageInput | torch.Tensor, *,
                     frames: int = 5, seed: int = 0, **kwargs) -> list[Image.Image]:
@@ -318,7 +321,8 @@ def sample_to_file(bundle: Path, prompt: str | None, out: Path, *, num_images: i
                    steps: int | None = None, sampler: str | None = None, seed: int = 0, device: str = "cpu",
                    out_dir: Path | None = None, image: Path | None = None, init_image: Path | None = None,
                    strength: float = 0.6, progress: Callable[[int, int], None] | None = None,
-                   height: int | None = None, width: int | None = None) -> list[Path]:
+                   height: int | None = None, width: int | None = None,
+                   original_size: tuple[int, int] | None = None, crop_top_left: tuple[int, int] = (0, 0)) -> list[Path]:
     """Generate images for `prompt` from `bundle` into the PNG grid `out` (and one PNG each into `out_dir`)."""
     if out.suffix.lower() != ".png":
         raise UsageError(f"--out must name a .png file, got {out}")
@@ -329,11 +333,12 @@ def sample_to_file(bundle: Path, prompt: str | None, out: Path, *, num_images: i
         if init_image is not None:
             raise UsageError("--init-image needs a --prompt")
         images = to_pil(t2i.variations(image, num_images=num_images, seed=seed, guidance=guidance, steps=steps,
-                                       sampler=sampler, progress=progress, height=height, width=width))
+                                       sampler=sampler, progress=progress, height=height, width=width,
+                                       original_size=original_size, crop_top_left=crop_top_left))
     else:
         images = t2i(prompt, num_images=num_images, guidance=guidance, steps=steps, sampler=sampler, seed=seed,
                      image=image, init_image=init_image, strength=strength, progress=progress, height=height,
-                     width=width)
+                     width=width, original_size=original_size, crop_top_left=crop_top_left)
     save_grid(images, out)
     written = [out]
     if out_dir is not None:

@@ -7,9 +7,11 @@ import json
 import math
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import yaml
+from PIL import Image
 
 import pipeline.sampling.cascade as cascade
 from pipeline.cli.main import main
@@ -124,3 +126,13 @@ def test_bucketed_demo_with_micro_conditioning_trains_exports_and_samples(tmp_pa
     assert default.shape == (1, 3, 16, 16) and (cropped - default).abs().max() > 1e-4
     with pytest.raises(UsageError, match="crop_top_left must be"):
         t2i.generate(prompt, steps=2, crop_top_left=(-1, 0))
+    # the same conditioning from the command line: `sample --original-size H,W --crop-top-left TOP,LEFT`
+    out = tmp_path / "cropped.png"
+    assert main(["sample", str(tmp_path / "bundle"), "--prompt", prompt, "--out", str(out), "--steps", "2",
+                 "--original-size", "9,32", "--crop-top-left", "0,5"]) == 0
+    with Image.open(out) as written:
+        expected = ((cropped[0].float() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(1, 2, 0)
+        assert (torch.from_numpy(np.array(written)).int() - expected.int()).abs().max() <= 1
+    with pytest.raises(SystemExit) as bad:
+        main(["sample", str(tmp_path / "bundle"), "--prompt", prompt, "--out", str(out), "--original-size", "9"])
+    assert bad.value.code == 2
