@@ -94,6 +94,8 @@ def run_policy(args: argparse.Namespace, policy: str, dist: Any) -> dict[str, An
     with mock.patch.object(setup, "compile_shape_options", lambda cfg: {}) if policy == "default" \
             else contextlib.nullcontext():  # 'default': torch's own behaviour, neither dynamic nor static asked for
         bench = throughput.build(cfg, dist, "synthetic")
+    if policy == "default":
+        bench.stage.dynamic_size = False  # nor the U-Net stage's marks
     bench.batches = bucket_batches(bench, shapes, args.rounds)
     device = dist.device
     times, compiling = [], []
