@@ -57,3 +57,32 @@ def test_prompts_go_through_the_prior_and_images_give_variations(bundle, tmp_pat
     assert main(["sample", str(bundle), "--image", str(tmp_path / "source.png"), "--num-images", "2",
                  "--steps", "4", "--out", str(tmp_path / "variations.png")]) == 0
     assert (tmp_path / "variations.png").is_file()
+
+
+def test_bucketed_unclip_base_trains_on_wide_and_tall_images_and_samples_variations_at_their_shapes(tmp_path):
+    """Issue 21: the unCLIP base stage with aspect-ratio buckets. The U-Net sees each image at its bucket shape while
+    its CLIP image embedding (precomputed, aligned by key) is CLIP's own square view of the image; the bundle samples
+    variations at a wide bucket shape."""
+    mixed = tmp_path / "mixed"
+    assert main(["shards", "synthetic", "--out", str(mixed), "--num-samples", "48", "--shard-size", "48",
+                 "--resolution", "16", "--aspect-ratios", "1:1,16:9,9:16"]) == 0
+    clip = export_tiny_clip(tmp_path / "clip", seed=1)
+    assert main(["shards", "precompute", str(mixed), "--out", str(tmp_path / "pre"),
+                 "--encoder", f"clip-image:{clip}"]) == 0
+    raw = unet_config(tmp_path, model={"image_embed": {"dim": TINY_CLIP["embed_dim"], "clip": str(clip)},
+                                       "eval_prompts": 0},
+                      data={"urls": str(mixed), "precomputed_urls": str(tmp_path / "pre"), "eval_urls": "",
+                            "num_workers": 0, "buckets": {"enabled": True, "step": 4}},
+                      train={"max_steps": 3, "sample_every": 0}, eval={"every_steps": 0})
+    assert train_inprocess(raw, tmp_path / "run") == 0
+    losses = [r["loss"] for r in read_metrics(tmp_path / "run") if "loss" in r]
+    assert len(losses) == 3 and all(torch.isfinite(torch.tensor(losses)))
+    bundle = tmp_path / "bundle"
+    shutil.copytree(clip, bundle / "clip")
+    add_component(bundle, "clip", {"kind": "clip"})
+    export_run(tmp_path / "run", bundle)
+    t2i = Text2Image.from_bundle(bundle)
+    assert (12, 20) in t2i.levels[0].shapes
+    source = to_pil(torch.rand(1, 3, 12, 20) * 2 - 1)[0]  # a wide image: CLIP embeds its centre square
+    wide = t2i.variations(source, num_images=2, steps=2, height=12, width=20)
+    assert wide.shape == (2, 3, 12, 20) and torch.isfinite(wide).all()
