@@ -51,6 +51,9 @@ class SampleSpec:
     loss_mask: also deliver "loss_mask" from each sample's optional ``KEY.mask.png`` (grayscale, the image's aspect
         ratio; 255 = full weight, 0 = ignored, e.g. watermarks or padding), cropped and resized with the image;
         255 everywhere for a sample without one.
+    per_bucket: names in `precomputed` computed from the cropped image (latents): with data.buckets, training
+        needs them precomputed per bucket of the same bucket set with centre crops (``shards precompute
+        --buckets-config RUN.yaml``), and the sample's bucket is the one they were made for.
     """
 
     image_size: int
@@ -59,6 +62,7 @@ class SampleSpec:
     tokenize: Tokenizer | None = None
     precomputed: tuple[str, ...] = ()
     loss_mask: bool = False
+    per_bucket: tuple[str, ...] = ()
 
 
 def _scale_shift(spec: SampleSpec) -> tuple[list[float], list[float]]:

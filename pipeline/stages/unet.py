@@ -108,10 +108,11 @@ class UNetStage(Stage):
                               "use model.backbone unet")
         check_buckets(self.buckets, self.resolution, self.resolution // self.grid[1], multiple, why,
                       self.mcfg.super_res.low_res)
-        if self.buckets and self.mcfg.space == "latent" and self.mcfg.latent_source == "precomputed":
-            # `shards precompute --encoder latents:` stores centre-square latents, not the bucket's crop
-            raise ConfigError("model.latent_source: precomputed latents are centre squares and cannot train with "
-                              "data.buckets (not supported yet); use latent_source: encoder")
+        if self.buckets and self.mcfg.space == "latent" and self.mcfg.latent_source == "precomputed" and \
+                cfg.data.crop != "center":
+            # a latent precomputed per bucket (`shards precompute --buckets-config`) holds the centre crop only
+            raise ConfigError(f"data.crop {cfg.data.crop}: precomputed bucketed latents hold one (centre) crop per "
+                              f"image; set data.crop: center, or use model.latent_source: encoder")
         self.t5_dim: int | None = None  # known once the T5 (or the first precomputed batch) is seen
         self._quality: tuple | None = None  # eval.num_images: (Inception, CLIP), loaded at the first evaluation
 
@@ -131,13 +132,13 @@ class UNetStage(Stage):
     def sample_spec(self) -> SampleSpec:
         t5 = self.mcfg.text_encoder
         arrays = ("clip_image_emb",) if self.mcfg.image_embed.dim else ()
-        if self.mcfg.space == "latent" and self.mcfg.latent_source == "precomputed":
-            arrays = (*arrays, "latent")
+        latents = ("latent",) if self.mcfg.space == "latent" and self.mcfg.latent_source == "precomputed" else ()
+        arrays = (*arrays, *latents)
         if self.mcfg.text_source == "precomputed":
             return SampleSpec(image_size=self.resolution, precomputed=("t5_emb", "t5_mask", *arrays),
-                              loss_mask=self.mcfg.loss_mask)
+                              loss_mask=self.mcfg.loss_mask, per_bucket=latents)
         return SampleSpec(image_size=self.resolution, tokenize=T5Tokenize(t5.path, t5.max_length), precomputed=arrays,
-                          loss_mask=self.mcfg.loss_mask)
+                          loss_mask=self.mcfg.loss_mask, per_bucket=latents)
 
     def input_paths(self) -> dict[str, str]:
         paths = {}
