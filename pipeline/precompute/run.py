@@ -37,7 +37,8 @@ from pipeline.data.shard_writer import TarShard
 from pipeline.data.sources import expand_shard_specs, local_path
 from pipeline.data.spec import normalize_images
 from pipeline.data.tar_reader import iter_shard
-from pipeline.data.transforms import Crop, ImageOptions, SkipSample, decode_with_crop, image_batch, image_bytes, read_caption
+from pipeline.data.transforms import (Crop, ImageOptions, SkipSample, decode_with_crop, image_batch, image_bytes,
+                                      read_caption)
 from pipeline.errors import DataError, UsageError
 from pipeline.precompute.encoders import Encoder, EncoderContext, build_encoders
 
