@@ -74,6 +74,18 @@ def skip_note(members: dict[str, bytes]) -> str:
         return "precompute skipped it"
 
 
+def skip_reason(members: dict[str, bytes]) -> tuple[str, str] | None:
+    """(reason, detail) the precompute recorded for a sample it could not fully encode (KEY.skip), else None."""
+    raw = members.get(SKIP_KEY)
+    if raw is None:
+        return None
+    try:
+        note = json.loads(raw.decode("utf-8"))
+        return str(note.get("reason")), str(note.get("detail"))
+    except (UnicodeDecodeError, json.JSONDecodeError, AttributeError):
+        return "precomputed_missing", "precompute skipped it"
+
+
 @dataclass(frozen=True)
 class AlignedReader:
     """``iter_shard`` for source shards zipped with their precomputed shards (plain data: pickles into workers).

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from pipeline.data.aligned import ArrayInfo, pre_key, skip_note
+from pipeline.data.aligned import ArrayInfo, pre_key, skip_note, skip_reason
 from pipeline.data.buckets import BucketBatcher, Waiting
 from pipeline.data.precomputed_index import CROP_ARRAY, read_npy
 from pipeline.data.skips import SkipCounter
@@ -192,6 +192,20 @@ class SampleDecoder:
         self.seed, self.stream = seed, stream
         self.arrays = arrays or {}
         self.loss_mask = spec.loss_mask and self.opts is not None
+        # spec.decode_image False: the crop record of per-bucket arrays replaces decoding the image (training)
+        self.from_record = not spec.decode_image and bool(buckets) and CROP_ARRAY in self.arrays
+
+    def _from_record(self, raw: RawSample, caption: str) -> tuple[None, str, dict[str, np.ndarray], Crop]:
+        """with_crop without decoding the image: arrays, bucket and crop from the per-bucket precompute."""
+        skipped = skip_reason(raw.members)
+        if skipped is not None:  # the precompute met the reader's own reason (e.g. corrupt_image): count it as such
+            raise SkipSample(*skipped)
+        arrays = {name: self._array(raw, name, info) for name, info in self.arrays.items()}
+        crop = self._recorded_crop(raw, arrays.pop(CROP_ARRAY))
+        assert crop is not None  # from_record implies buckets
+        if self.loss_mask:
+            arrays["loss_mask"] = decode_mask(raw.members, crop)
+        return None, caption, arrays, crop
 
     def _recorded_crop(self, raw: RawSample, record: np.ndarray) -> Crop | None:
         """The Crop stored by a bucketed precompute (None when this decoder has no buckets: evaluation)."""
@@ -211,6 +225,8 @@ class SampleDecoder:
         """As calling the decoder, plus where the image came from (None without an image)."""
         caption = read_caption(raw.members, self.caption_key)
         image, crop, mask = None, None, None
+        if self.from_record:
+            return self._from_record(raw, caption)
         if self.opts is not None:
             crop_seed = mix(self.seed, SALT_CROP, self.stream, raw.k, raw.index)
             image, crop = decode_with_crop(image_bytes(raw.members), self.opts, crop_seed)

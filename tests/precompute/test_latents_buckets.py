@@ -12,13 +12,13 @@ import pytest
 import torch
 
 from ae_helpers import export_tiny_autoencoder
-from data_helpers import check_resume, take
+from data_helpers import check_resume, jpeg_bytes, take, write_tar
 from pipeline.cli.main import main
 from pipeline.config import load_config
 from pipeline.data.loader import build_train_loader
 from pipeline.data.precomputed_index import CROP_ARRAY
 from pipeline.data.spec import SampleSpec, normalize_images
-from pipeline.data.synthetic import write_synthetic_shards
+from pipeline.data.synthetic import make_sample, write_synthetic_shards
 from pipeline.errors import ConfigError, DataError
 from pipeline.stages.autoencoder import load_codec
 from pipeline.stages.unet import UNetStage
@@ -52,7 +52,8 @@ def setup(tmp_path_factory):
 
 
 def run_config(root, autoencoder, **data):
-    model = {"space": "latent", "autoencoder": str(autoencoder), "unet": LATENT_UNET, "latent_source": "precomputed"}
+    model = {"space": "latent", "autoencoder": str(autoencoder), "unet": LATENT_UNET, "latent_source": "precomputed",
+             "micro_conditioning": {"enabled": True, "embed_dim": 8}}
     raw = unet_config(root / "shards", model=model,
                       data={"buckets": BUCKETS, "crop": "center", "precomputed_urls": str(root / "pre"),
                             "eval_precomputed_urls": str(root / "pre_eval"), "shuffle_buffer": 4, **data},
@@ -126,8 +127,39 @@ def test_bucketed_latent_stage_trains_on_precomputed_latents(setup, tmp_path):
     assert len(losses) == 3 and all(np.isfinite(losses))
     assert np.isfinite(metrics[-1]["eval/loss"])  # evaluation on the square precomputed heldout latents
     stage = UNetStage(load_config(None, base=raw), StageContext(0, 1, torch.device("cpu"), torch.float32))
-    batches = take(iter(_loader(raw, stage.sample_spec(), batch_size=4)), 3)  # the run's first 3 micro-batches
+    spec = stage.sample_spec()
+    assert spec.per_bucket == ("latent",) and not spec.decode_image
+    batches = take(iter(_loader(raw, spec, batch_size=4)), 3)  # the run's first 3 micro-batches
     assert len({tuple(b["latent"].shape) for b in batches}) >= 2
+    # no image decoded: the same batches as the loader that decodes images and checks their crop
+    decoded = take(iter(_loader(raw, SampleSpec(16, precomputed=spec.precomputed, tokenize=spec.tokenize,
+                                                per_bucket=("latent",)), batch_size=4)), 3)
+    for a, b in zip(batches, decoded):
+        assert "image" not in a and "image" in b
+        for name in ("key", "latent", "orig_size", "crop_top_left", "target_size", "t5_ids"):
+            assert (torch.equal(a[name], b[name]) if isinstance(a[name], torch.Tensor) else a[name] == b[name]), name
+
+
+def test_samples_the_precompute_skipped_count_under_its_reason(setup, tmp_path):
+    """Without decoding the image, a corrupt or too small image is still counted by the reader's reason (the one
+    the precompute recorded in KEY.skip), exactly as the loader that decodes it counts it."""
+    root, raw = setup
+    samples = [make_sample(i, 0, "train", 16, "png", ASPECTS) for i in range(10)]
+    samples.insert(3, ("bad", {"jpg": b"\xff\xd8 not a jpeg", "txt": b"a red circle"}))
+    samples.insert(7, ("tiny", {"jpg": jpeg_bytes(6, 6, 1), "txt": b"a blue square"}))
+    write_tar((tmp_path / "src").mkdir() or tmp_path / "src" / "shard-000000.tar", samples)
+    assert main(["shards", "precompute", str(tmp_path / "src"), "--out", str(tmp_path / "pre"), "--encoder",
+                 f"latents:{root / 'ae'}", "--buckets-config", str(root / "run.yaml")]) == 0
+    raw = {**raw, "data": {**raw["data"], "urls": str(tmp_path / "src"), "precomputed_urls": str(tmp_path / "pre"),
+                           "shuffle_buffer": 0}}
+    counts, keys = [], []
+    for decode in (False, True):
+        spec = SampleSpec(16, precomputed=("latent",), per_bucket=("latent",), decode_image=decode)
+        loader = _loader(raw, spec, batch_size=1)
+        keys.append([b["key"][0] for b in take(iter(loader), 10)])
+        counts.append(loader.skip_counts())
+        loader.close()
+    assert keys[0] == keys[1] and counts[0] == counts[1] == {"corrupt_image": 1, "image_too_small": 1}
 
 
 def _refused(error: type, pattern: str, fn, *args) -> None:
