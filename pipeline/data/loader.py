@@ -14,7 +14,7 @@ bucket's shape plus orig_size / crop_top_left / target_size); each worker stream
 buckets, and their waiting samples are part of its snapshot, so resume stays exact. Evaluation stays square.
 Arrays precomputed per bucket (spec.per_bucket, ``shards precompute --buckets-config``) must come from the same
 bucket set with centre crops (checked at start); a sample's bucket is then the one its crop record names, and the
-image decoded here must have that same crop (stream.SampleDecoder).
+image is either not decoded at all (spec.decode_image False) or must have that same crop (stream.SampleDecoder).
 
 Precomputed arrays (spec.precomputed): the builders validate, before any worker starts, that the precomputed
 shards of data.precomputed_urls / data.eval_precomputed_urls are aligned with the source shards (aligned.py);
