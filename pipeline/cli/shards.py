@@ -70,6 +70,10 @@ def _add_precompute(kinds: argparse._SubParsersAction, common: argparse.Argument
     pre.add_argument("--caption-key", default="txt", help="'txt' or 'json:FIELD', as data.caption_key")
     pre.add_argument("--num-parts", type=int, default=1, help="split the source shards over P runs (default 1)")
     pre.add_argument("--part", type=int, default=0, help="which part this run does, 0..P-1 (default 0)")
+    pre.add_argument("--buckets-config", default="", metavar="RUN.yaml",
+                     help="latents per aspect-ratio bucket: each image placed in its bucket of this run config's "
+                          "data.buckets at data.resolution and centre-cropped exactly as that run's training loader "
+                          "does; the run then trains on them with data.buckets and data.crop: center")
     pre.add_argument("--finalize", action="store_true",
                      help="only merge the finished parts' shards.part-I.json files in OUT into shards.json")
     pre.set_defaults(handler=_run_precompute)
@@ -99,7 +103,7 @@ def _run_precompute(args: argparse.Namespace) -> int:
     if not args.src or not args.encoder:
         raise UsageError("precompute needs SRC and at least one --encoder NAME:ARG (or --finalize --out DIR)")
     job = PrecomputeJob(tuple(args.src), Path(args.out), tuple(args.encoder), args.batch_size, args.device,
-                        args.num_parts, args.part, args.caption_key)
+                        args.num_parts, args.part, args.caption_key, args.buckets_config)
     result = run_precompute(job)
     part = f" (part {args.part} of {args.num_parts})" if args.num_parts > 1 else ""
     print(f"precomputed {result.samples} samples in {result.written} shards{part} to {args.out}"

@@ -11,7 +11,9 @@ arrays):
       the byte size it was computed from, equal to the source file's size now (local sources), and the sample
       count equal to the source's own shards.json count (when it has one) and to the precomputed shard's count;
     - each precomputed shard file has the byte size its shards.json records (not rewritten or truncated);
-    - every array the stage requests is provided by exactly one directory.
+    - every array the stage requests is provided by exactly one directory; an array computed per aspect-ratio
+      bucket brings its directory's crop record (precomputed_index.CROP_ARRAY) along, which decides the sample's
+      bucket in the training loader.
 
 Streaming (:class:`AlignedReader`): a source shard and its precomputed shard(s) are read in lockstep with the
 same start offset and sample-index filter, so exact resume and the index split of small datasets work as for
@@ -26,8 +28,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline.data.precomputed_index import (DIGEST_MEMBER, SKIP_MEMBER, array_member, load_index, shard_name,
-                                             source_counts, source_digest)
+from pipeline.data.precomputed_index import (CROP_ARRAY, DIGEST_MEMBER, SKIP_MEMBER, array_member, load_index,
+                                             shard_name, source_counts, source_digest)
 from pipeline.data.sources import expand_shard_specs, local_path
 from pipeline.data.tar_reader import Report, iter_shard
 from pipeline.errors import DataError
@@ -39,10 +41,20 @@ Sample = tuple[int, str, dict[str, bytes]]
 
 @dataclass(frozen=True)
 class ArrayInfo:
-    """Per-sample dtype (numpy name) and shape of one precomputed array."""
+    """Per-sample dtype (numpy name) and shape of one precomputed array.
+
+    shape: None for a side that follows the sample's bucket; buckets: the (height, width) image shapes of a
+    bucketed precompute (``shards precompute --buckets-config``), () for the square centre crop.
+    """
 
     dtype: str
-    shape: tuple[int, ...]
+    shape: tuple[int | None, ...]
+    buckets: tuple[tuple[int, int], ...] = ()
+
+    def fits(self, dtype: str, shape: tuple[int, ...]) -> bool:
+        """Whether an array of `dtype` and `shape` is one this index describes."""
+        return dtype == self.dtype and len(shape) == len(self.shape) and \
+            all(want is None or want == got for want, got in zip(self.shape, shape))
 
 
 def pre_key(name: str) -> str:
@@ -60,6 +72,18 @@ def skip_note(members: dict[str, bytes]) -> str:
         return f"precompute skipped it: {note.get('reason')}: {note.get('detail')}"
     except (UnicodeDecodeError, json.JSONDecodeError, AttributeError):
         return "precompute skipped it"
+
+
+def skip_reason(members: dict[str, bytes]) -> tuple[str, str] | None:
+    """(reason, detail) the precompute recorded for a sample it could not fully encode (KEY.skip), else None."""
+    raw = members.get(SKIP_KEY)
+    if raw is None:
+        return None
+    try:
+        note = json.loads(raw.decode("utf-8"))
+        return str(note.get("reason")), str(note.get("detail"))
+    except (UnicodeDecodeError, json.JSONDecodeError, AttributeError):
+        return "precomputed_missing", "precompute skipped it"
 
 
 @dataclass(frozen=True)
@@ -250,12 +274,23 @@ def align_precomputed(urls: list[str], precomputed_urls: str | tuple[str, ...], 
                 raise DataError(f"{key}: array {name!r} is provided by both {provider[name]} and {directory}; "
                                 f"name only one of them")
             if name in wanted:
-                provider[name], infos[name] = directory, ArrayInfo(str(meta["dtype"]), tuple(meta["shape"]))
+                provider[name], infos[name] = directory, _info(meta)
+        if any(infos[n].buckets for n, d in provider.items() if d == directory):
+            if CROP_ARRAY not in index["arrays"]:
+                raise DataError(f"the precompute in {directory} has bucketed arrays but no {CROP_ARRAY!r} records: "
+                                f"the index is inconsistent; re-run the precompute")
+            provider[CROP_ARRAY], infos[CROP_ARRAY] = directory, _info(index["arrays"][CROP_ARRAY])
     missing = [name for name in wanted if name not in provider]
     if missing:
         raise DataError(f"the stage reads precomputed arrays {missing} that no directory in {key} provides "
                         f"(available: {sorted(set(available)) or 'none'}); precompute them with the right --encoder")
     used = [d for d in groups if d in provider.values()]
     pairs = {url: tuple(groups[d][name] for d in used) for name, url in sources.items()}
-    members = tuple(tuple(n for n in wanted if provider[n] == d) for d in used)
-    return AlignedReader(pairs, {n: infos[n] for n in wanted}, members)
+    names = (*wanted, CROP_ARRAY) if CROP_ARRAY in provider and CROP_ARRAY not in wanted else wanted
+    members = tuple(tuple(n for n in names if provider[n] == d) for d in used)
+    return AlignedReader(pairs, {n: infos[n] for n in names}, members)
+
+
+def _info(meta: dict) -> ArrayInfo:
+    return ArrayInfo(str(meta["dtype"]), tuple(None if s is None else int(s) for s in meta["shape"]),
+                     tuple((int(h), int(w)) for h, w in meta.get("buckets", ())))

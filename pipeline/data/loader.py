@@ -12,6 +12,9 @@ snapshot and continues; the next batches are bit-identical to an uninterrupted r
 Buckets (data.buckets.enabled): training batches hold one aspect-ratio bucket each (images (B, 3, H, W) of that
 bucket's shape plus orig_size / crop_top_left / target_size); each worker stream keeps its own partly filled
 buckets, and their waiting samples are part of its snapshot, so resume stays exact. Evaluation stays square.
+Arrays precomputed per bucket (spec.per_bucket, ``shards precompute --buckets-config``) must come from the same
+bucket set with centre crops (checked at start); a sample's bucket is then the one its crop record names, and the
+image is either not decoded at all (spec.decode_image False) or must have that same crop (stream.SampleDecoder).
 
 Precomputed arrays (spec.precomputed): the builders validate, before any worker starts, that the precomputed
 shards of data.precomputed_urls / data.eval_precomputed_urls are aligned with the source shards (aligned.py);
@@ -42,8 +45,8 @@ from pipeline.data.buckets import BucketBatcher, auto_limits, resolve_shapes
 from pipeline.data.stream import (SampleDecoder, SampleStream, ShardReader, next_batch, next_bucket_batch,
                                   restore_buckets, stream_samples)
 from pipeline.data.tar_reader import iter_shard
-from pipeline.data.transforms import RESERVED_KEYS, auto_min_image_size
-from pipeline.errors import DataError
+from pipeline.data.transforms import RESERVED_KEYS, ImageOptions, auto_min_image_size
+from pipeline.errors import ConfigError, DataError
 
 logger = logging.getLogger(__name__)
 STATE_KEY = "__data_stream__"
@@ -77,14 +80,51 @@ class _Setup:
         d = self.data
         arrays = self.aligned.arrays if self.aligned is not None else None
         buckets = self.buckets if bucketed else ()
-        if buckets:
-            min_size, max_ratio = auto_limits(buckets, d.min_image_size, d.max_aspect_ratio)
-        else:
-            min_size, max_ratio = auto_min_image_size(d.min_image_size, self.spec.image_size), d.max_aspect_ratio
+        min_size, max_ratio = image_limits(d, self.spec.image_size, buckets)
         return SampleDecoder(self.spec, d.caption_key, random_crop, min_size, max_ratio, seed, stream, arrays, buckets)
 
     def skip_counter(self) -> SkipCounter:
         return SkipCounter(self.data.max_skip_fraction, self.data.skip_check_min_samples)
+
+
+def image_limits(data: DataConfig, size: int, buckets: tuple[tuple[int, int], ...]) -> tuple[int, float]:
+    """(min_image_size, max_aspect_ratio) the loader applies to images of output size `size` (and `buckets`)."""
+    if buckets:
+        return auto_limits(buckets, data.min_image_size, data.max_aspect_ratio)
+    return auto_min_image_size(data.min_image_size, size), data.max_aspect_ratio
+
+
+def bucket_options(data: DataConfig) -> ImageOptions:
+    """How the training loader places and crops each image with data.buckets and data.crop center, at
+    data.resolution: what `shards precompute --buckets-config` encodes, so cached and live latents agree."""
+    if not data.buckets.enabled:
+        raise ConfigError("--buckets-config: the config's data.buckets.enabled is false; precompute square latents "
+                          "without --buckets-config, or enable data.buckets")
+    buckets = resolve_shapes(data.buckets, data.resolution)
+    return ImageOptions(data.resolution, False, *image_limits(data, data.resolution, buckets), buckets)
+
+
+def _check_per_bucket(data: DataConfig, spec: SampleSpec, aligned: AlignedReader | None,
+                      buckets: tuple[tuple[int, int], ...], key: str) -> None:
+    """Arrays made from the cropped image must have been made from the crop this loader takes (spec.per_bucket)."""
+    for name, info in (aligned.arrays if aligned is not None else {}).items():
+        if info.buckets and not buckets:
+            raise DataError(f"precomputed {name!r} in {key} was computed per aspect-ratio bucket, but this loader "
+                            f"makes squares (data.buckets off, or evaluation); precompute it without "
+                            f"--buckets-config")
+        if name not in spec.per_bucket or not buckets:
+            continue
+        if not info.buckets:
+            raise DataError(f"precomputed {name!r} in {key} are centre squares but data.buckets is on; precompute "
+                            f"them per bucket: shards precompute ... --buckets-config RUN.yaml")
+        if set(info.buckets) != set(buckets):
+            raise DataError(f"precomputed {name!r} in {key} were made for buckets "
+                            f"{', '.join(f'{h}x{w}' for h, w in info.buckets)}, this run has "
+                            f"{', '.join(f'{h}x{w}' for h, w in buckets)}; re-run the precompute with "
+                            f"--buckets-config RUN.yaml of this run")
+        if data.crop != "center":
+            raise ConfigError(f"data.crop {data.crop}: precomputed per-bucket {name!r} holds one (centre) crop per "
+                              f"image; set data.crop: center")
 
 
 def _check_args(spec: SampleSpec, batch_size: int, rank: int, world_size: int) -> None:
@@ -280,6 +320,7 @@ def build_train_loader(data: DataConfig, spec: SampleSpec, *, batch_size: int, s
     streams = max(1, data.num_workers)
     plan = ShardPlan(tuple(urls), world_size * streams, seed, data.shuffle_shards, data.resampled)
     setup = _Setup(data, spec, batch_size, rank, streams, plan, aligned)
+    _check_per_bucket(data, spec, aligned, setup.buckets, "data.precomputed_urls")
     if setup.buckets:  # bad bucket settings fail here, once, not in every worker
         logger.info("data: %d aspect-ratio buckets (height x width): %s", len(setup.buckets),
                     ", ".join(f"{h}x{w}" for h, w in setup.buckets))
@@ -352,4 +393,5 @@ def build_eval_loader(data: DataConfig, spec: SampleSpec, *, batch_size: int, ma
     aligned = align_precomputed(urls, data.eval_precomputed_urls, spec.precomputed, "data.eval_precomputed_urls",
                                 "data.eval_urls")
     setup = _Setup(data, spec, batch_size, rank, max(1, data.num_workers), aligned=aligned)
+    _check_per_bucket(data, spec, aligned, (), "data.eval_precomputed_urls")  # evaluation stays square
     return EvalLoader(setup, urls, world_size, max_samples)

@@ -23,7 +23,10 @@ shards.json::
     num_shards, num_samples
     source   [{name, num_samples, num_bytes}]  the source shards it was computed from, and
     source_fingerprint                         a hash of that list
-    arrays   {name: {dtype, shape, encoder}}   per-sample dtype and shape
+    arrays   {name: {dtype, shape, encoder}}   per-sample dtype and shape; an array computed per aspect-ratio
+                                               bucket (``--buckets-config``) has null for the sides that follow
+                                               its bucket (e.g. [4, null, null]) and ``buckets``: [[H, W], ...],
+                                               the image shapes; its encoder also writes CROP_ARRAY
     encoders [{spec, name, ...}]               what computed them; caption_key: where captions came from
 """
 from __future__ import annotations
@@ -47,6 +50,9 @@ INDEX_FORMAT = "pipeline-precomputed"
 INDEX_VERSION = 1
 SKIP_MEMBER = "skip"
 DIGEST_MEMBER = "source_crc32"
+# int64 (6,) per sample of a bucketed precompute: the crop its arrays were made from, (orig height, orig width,
+# crop top, crop left, target height, target width) as transforms.Crop; the reader batches by it.
+CROP_ARRAY = "bucket_crop"
 # Settings every part of one precompute must share (checked when parts are merged or a run is restarted).
 SHARED_FIELDS = ("num_parts", "source_files", "arrays", "encoders", "caption_key")
 _PART_NAME = re.compile(r"^shards\.part-(\d+)\.json$")

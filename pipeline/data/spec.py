@@ -4,7 +4,8 @@ A stage says what it needs per sample with a :class:`SampleSpec`; the reader (``
 delivers batches as dicts:
 
     "image":   uint8 (B, 3, S, S), resized + cropped to S = spec.image_size, NOT normalised
-               (absent when spec.image_size == 0); with data.buckets (training only) uint8 (B, 3, H, W), one
+               (absent when spec.image_size == 0, and in training batches made from per-bucket precomputed arrays
+               when spec.decode_image is False); with data.buckets (training only) uint8 (B, 3, H, W), one
                bucket shape per batch, plus (SDXL size and crop conditioning, int64 (B, 2) each):
     "orig_size":      (height, width) of the image as shown, before resizing
     "crop_top_left":  (top, left) of the crop inside the image resized to cover the bucket
@@ -51,6 +52,12 @@ class SampleSpec:
     loss_mask: also deliver "loss_mask" from each sample's optional ``KEY.mask.png`` (grayscale, the image's aspect
         ratio; 255 = full weight, 0 = ignored, e.g. watermarks or padding), cropped and resized with the image;
         255 everywhere for a sample without one.
+    per_bucket: names in `precomputed` computed from the cropped image (latents): with data.buckets, training
+        needs them precomputed per bucket of the same bucket set with centre crops (``shards precompute
+        --buckets-config RUN.yaml``), and the sample's bucket is the one they were made for.
+    decode_image: False = training batches of such a bucketed loader carry no "image": it is not decoded, the
+        bucket and size conditioning come from the stored crop record, and a sample the precompute could not
+        encode is skipped under the reason it recorded (evaluation batches always carry images).
     """
 
     image_size: int
@@ -59,6 +66,8 @@ class SampleSpec:
     tokenize: Tokenizer | None = None
     precomputed: tuple[str, ...] = ()
     loss_mask: bool = False
+    per_bucket: tuple[str, ...] = ()
+    decode_image: bool = True
 
 
 def _scale_shift(spec: SampleSpec) -> tuple[list[float], list[float]]:

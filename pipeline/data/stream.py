@@ -21,9 +21,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from pipeline.data.aligned import ArrayInfo, pre_key, skip_note
+from pipeline.data.aligned import ArrayInfo, pre_key, skip_note, skip_reason
 from pipeline.data.buckets import BucketBatcher, Waiting
-from pipeline.data.precomputed_index import read_npy
+from pipeline.data.precomputed_index import CROP_ARRAY, read_npy
 from pipeline.data.skips import SkipCounter
 from pipeline.data.sources import SALT_CROP, SALT_SHUFFLE, ShardPlan, mix
 from pipeline.data.spec import SampleSpec
@@ -179,7 +179,8 @@ class SampleDecoder:
 
     Random crops are seeded by the sample's identity. `arrays` gives the dtype and shape of every precomputed
     array the spec requests (empty without precomputed shards). `buckets`: (height, width) shapes (buckets.py);
-    empty for square images.
+    empty for square images. With buckets and arrays precomputed per bucket, the crop those arrays were made from
+    (precomputed_index.CROP_ARRAY) decides the sample's bucket; the image decoded here must have the same crop.
     """
 
     def __init__(self, spec: SampleSpec, caption_key: str, random_crop: bool, min_image_size: int,
@@ -191,6 +192,30 @@ class SampleDecoder:
         self.seed, self.stream = seed, stream
         self.arrays = arrays or {}
         self.loss_mask = spec.loss_mask and self.opts is not None
+        # spec.decode_image False: the crop record of per-bucket arrays replaces decoding the image (training)
+        self.from_record = not spec.decode_image and bool(buckets) and CROP_ARRAY in self.arrays
+
+    def _from_record(self, raw: RawSample, caption: str) -> tuple[None, str, dict[str, np.ndarray], Crop]:
+        """with_crop without decoding the image: arrays, bucket and crop from the per-bucket precompute."""
+        skipped = skip_reason(raw.members)
+        if skipped is not None:  # the precompute met the reader's own reason (e.g. corrupt_image): count it as such
+            raise SkipSample(*skipped)
+        arrays = {name: self._array(raw, name, info) for name, info in self.arrays.items()}
+        crop = self._recorded_crop(raw, arrays.pop(CROP_ARRAY))
+        assert crop is not None  # from_record implies buckets
+        if self.loss_mask:
+            arrays["loss_mask"] = decode_mask(raw.members, crop)
+        return None, caption, arrays, crop
+
+    def _recorded_crop(self, raw: RawSample, record: np.ndarray) -> Crop | None:
+        """The Crop stored by a bucketed precompute (None when this decoder has no buckets: evaluation)."""
+        if self.opts is None or not self.opts.buckets:
+            return None
+        orig_h, orig_w, top, left, height, width = (int(v) for v in record)
+        if (height, width) not in self.opts.buckets:
+            raise DataError(f"sample {raw.key}: its precomputed arrays were made for bucket {height}x{width}, which "
+                            f"is not one of this run's data.buckets; re-run the precompute with this run's config")
+        return Crop(self.opts.buckets.index((height, width)), orig_h, orig_w, top, left, height, width)
 
     def __call__(self, raw: RawSample) -> Decoded:
         image, caption, arrays, _ = self.with_crop(raw)
@@ -200,6 +225,8 @@ class SampleDecoder:
         """As calling the decoder, plus where the image came from (None without an image)."""
         caption = read_caption(raw.members, self.caption_key)
         image, crop, mask = None, None, None
+        if self.from_record:
+            return self._from_record(raw, caption)
         if self.opts is not None:
             crop_seed = mix(self.seed, SALT_CROP, self.stream, raw.k, raw.index)
             image, crop = decode_with_crop(image_bytes(raw.members), self.opts, crop_seed)
@@ -208,6 +235,13 @@ class SampleDecoder:
         # The reader's own checks come first, so a sample with e.g. a corrupt image is counted as such, as it
         # would be without precomputed shards; only samples it accepts can lack arrays.
         arrays = {name: self._array(raw, name, info) for name, info in self.arrays.items()}
+        if CROP_ARRAY in arrays:
+            recorded = self._recorded_crop(raw, arrays.pop(CROP_ARRAY))
+            if crop is not None and recorded is not None and crop != recorded:
+                raise DataError(f"sample {raw.key}: its precomputed arrays were made from crop {recorded}, the loader "
+                                f"crops {crop}: the precompute used other bucket or image settings than this run; "
+                                f"re-run `shards precompute --buckets-config` with this run's config")
+            crop = recorded or crop
         if mask is not None:
             arrays["loss_mask"] = mask
         return image, caption, arrays, crop
@@ -222,7 +256,7 @@ class SampleDecoder:
         except (ValueError, OSError, EOFError) as exc:
             raise DataError(f"sample {raw.key}: precomputed array {name!r} cannot be read ({exc}); the precomputed "
                             f"shard is corrupt: re-run the precompute") from None
-        if str(array.dtype) != info.dtype or tuple(array.shape) != info.shape:
+        if not info.fits(str(array.dtype), tuple(array.shape)):
             raise DataError(f"sample {raw.key}: precomputed array {name!r} is {array.dtype} {tuple(array.shape)}, "
                             f"its shards.json says {info.dtype} {info.shape}; re-run the precompute")
         return array

@@ -296,7 +296,8 @@ def collate(images: list[np.ndarray], captions: list[str], keys: list[str], spec
             crops: list[Crop] | None = None) -> dict:
     """Build the batch dict of spec.py.
 
-    images: B arrays (H, W, 3) uint8 of one shape (ignored when spec.image_size == 0).
+    images: B arrays (H, W, 3) uint8 of one shape (ignored when spec.image_size == 0; all None when the images
+        were not decoded: then the batch has no "image").
     arrays: per name in spec.precomputed, B arrays of one shape and dtype; "loss_mask": B uint8 (H, W) masks
     (spec.loss_mask).
     crops: with buckets, where each image came from (adds crop_batch's three int64 (B, 2) tensors).
@@ -304,7 +305,7 @@ def collate(images: list[np.ndarray], captions: list[str], keys: list[str], spec
     Returns {"image": uint8 (B, 3, H, W), "caption", "key", **spec.tokenize(captions), name: (B, *shape)}.
     """
     batch: dict = {}
-    if spec.image_size:
+    if spec.image_size and images[0] is not None:  # None: not decoded (spec.decode_image, per-bucket arrays)
         batch["image"] = image_batch(images, shared)
     if crops is not None:
         batch.update(crop_batch(crops))

@@ -13,6 +13,12 @@ line here plus its class, and nothing in the command changes. An encoder class p
     arrays()             {array name: ArraySpec(dtype, per-sample shape)}
     encode(captions, images) -> {array name: numpy (B, *shape)}; images float32 (B, 3, S, S) on ctx.device
     describe()           JSON facts recorded in shards.json (the spec string is added by the caller)
+
+Per-bucket encoders (``--buckets-config RUN.yaml``, ctx.buckets) also have ``options``: the training loader's
+ImageOptions with that config's buckets; their images are placed and cropped by it and passed one bucket shape
+per ``encode`` call, as ``encode(captions, images, crops)`` with crops the B transforms.Crop records; their
+arrays() then declare None for the sides that follow the bucket (ArraySpec.buckets lists the image shapes) and
+include precomputed_index.CROP_ARRAY.
 """
 from __future__ import annotations
 
@@ -26,6 +32,7 @@ import numpy as np
 import torch
 
 from pipeline.data.spec import SampleSpec
+from pipeline.data.transforms import ImageOptions
 from pipeline.errors import ConfigError, DataError, UsageError
 from pipeline.text.t5 import FrozenT5Encoder, T5EncoderConfig
 
@@ -42,18 +49,22 @@ NO_IMAGE = SampleSpec(image_size=0)
 
 @dataclass(frozen=True)
 class ArraySpec:
-    """dtype (numpy name) and per-sample shape of one precomputed array."""
+    """dtype (numpy name) and per-sample shape of one precomputed array; None for a side that follows the
+    sample's bucket, whose (height, width) image shapes `buckets` lists (() for square centre crops)."""
 
     dtype: str
-    shape: tuple[int, ...]
+    shape: tuple[int | None, ...]
+    buckets: tuple[tuple[int, int], ...] = ()
 
 
 @dataclass
 class EncoderContext:
-    """Passed to every encoder of one precompute run: where to run, and loaded models to share by key."""
+    """Passed to every encoder of one precompute run: where to run, loaded models to share by key, and with
+    --buckets-config the training loader's bucket placement (None: square centre crops)."""
 
     device: torch.device
     cache: dict[Any, Any] = field(default_factory=dict)
+    buckets: ImageOptions | None = None
 
 
 class Encoder(Protocol):

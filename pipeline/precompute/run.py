@@ -11,7 +11,10 @@ them together and run ``precompute --finalize --out DIR``; the reader also merge
 Every part must be run with the same SRC, --encoder list, --caption-key and --num-parts (checked at merge).
 
 Images are decoded exactly as the reader decodes evaluation images (short side resized, center crop, no size or
-aspect filters) at each encoder's image size and normalised with its mean/std (spec.normalize_images).
+aspect filters) at each encoder's image size and normalised with its mean/std (spec.normalize_images). With
+``--buckets-config RUN.yaml``, per-bucket encoders (latents) get each image placed in its bucket and centre-cropped
+by the training loader's own options for that config (loader.bucket_options: its data.buckets, data.resolution,
+min_image_size and max_aspect_ratio), encoded one bucket shape per call.
 """
 from __future__ import annotations
 
@@ -24,6 +27,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from pipeline.config import load_config
+from pipeline.data.loader import bucket_options
 from pipeline.data.precomputed_index import (DIGEST_MEMBER, INDEX_FORMAT, INDEX_NAME, INDEX_VERSION, SHARED_FIELDS,
                                              SKIP_MEMBER, array_member, load_index, merge_parts, npy_bytes,
                                              part_index_name, read_parts, shard_name, source_counts, source_digest,
@@ -32,7 +37,8 @@ from pipeline.data.shard_writer import TarShard
 from pipeline.data.sources import expand_shard_specs, local_path
 from pipeline.data.spec import normalize_images
 from pipeline.data.tar_reader import iter_shard
-from pipeline.data.transforms import ImageOptions, SkipSample, decode_image, image_batch, image_bytes, read_caption
+from pipeline.data.transforms import (Crop, ImageOptions, SkipSample, decode_with_crop, image_batch, image_bytes,
+                                      read_caption)
 from pipeline.errors import DataError, UsageError
 from pipeline.precompute.encoders import Encoder, EncoderContext, build_encoders
 
@@ -48,6 +54,7 @@ class PrecomputeJob:
     encoders: ``NAME:ARG`` specs (see encoders.ENCODERS). batch_size: samples per encoder call.
     device: "cpu" or "cuda". num_parts, part: this run does source shards i with i % num_parts == part.
     caption_key: where captions come from, as data.caption_key ('txt' or 'json:FIELD').
+    buckets_config: a run config whose data.buckets / resolution per-bucket encoders (latents) follow; "" = none.
     """
 
     src: str | tuple[str, ...]
@@ -58,6 +65,7 @@ class PrecomputeJob:
     num_parts: int = 1
     part: int = 0
     caption_key: str = "txt"
+    buckets_config: str = ""
 
 
 @dataclass(frozen=True)
@@ -105,7 +113,8 @@ def _source_files(urls: list[str]) -> list[dict[str, Any]]:
 
 
 def _header(job: PrecomputeJob, files: list[dict], encoders: list[Encoder]) -> dict[str, Any]:
-    arrays = {name: {"dtype": a.dtype, "shape": list(a.shape), "encoder": e.name}
+    arrays = {name: {"dtype": a.dtype, "shape": list(a.shape), "encoder": e.name,
+                     **({"buckets": [list(b) for b in a.buckets]} if a.buckets else {})}
               for e in encoders for name, a in e.arrays().items()}
     described = [{"spec": spec, **e.describe()} for spec, e in zip(job.encoders, encoders)]
     return {"format": INDEX_FORMAT, "version": INDEX_VERSION, "part": job.part, "num_parts": job.num_parts,
@@ -147,7 +156,8 @@ def run_precompute(job: PrecomputeJob) -> PrecomputeResult:
         raise UsageError(f"--out {job.out} holds source shards: outputs keep the source file names and would "
                          f"overwrite them; choose another directory")
     counts = source_counts(urls)
-    ctx = EncoderContext(torch.device(job.device))
+    buckets = bucket_options(load_config(job.buckets_config).data) if job.buckets_config else None
+    ctx = EncoderContext(torch.device(job.device), buckets=buckets)
     with torch.inference_mode():
         encoders = build_encoders(job.encoders, ctx)
         header = _header(job, files, encoders)
@@ -243,8 +253,14 @@ def _attempt(fn, *args):
         return skip
 
 
-def _decode(members: dict[str, bytes], size: int) -> np.ndarray:
-    return decode_image(image_bytes(members), ImageOptions(size, random_crop=False), 0)
+def _decode(members: dict[str, bytes], opts: ImageOptions) -> tuple[np.ndarray, Crop]:
+    return decode_with_crop(image_bytes(members), opts, 0)  # crop seed unused: centre crops
+
+
+def _options(encoder: Encoder) -> ImageOptions | None:
+    """How an encoder's images are decoded: its per-bucket options, else the square centre crop; None: no image."""
+    size = encoder.input.image_size
+    return getattr(encoder, "options", None) or (ImageOptions(size, random_crop=False) if size else None)
 
 
 def encode_samples(samples: list[Sample], encoders: list[Encoder], caption_key: str,
@@ -253,24 +269,25 @@ def encode_samples(samples: list[Sample], encoders: list[Encoder], caption_key: 
     ``source_crc32`` (the source sample's digest), plus ``skip`` (JSON reason, detail, missing arrays) when some
     arrays could not be computed."""
     captions = [_attempt(read_caption, members, caption_key) for _, members in samples]
-    images: dict[int, list] = {}
+    images: dict[ImageOptions, list] = {}
     out: list[dict[str, bytes]] = [{DIGEST_MEMBER: source_digest(members)} for _, members in samples]
     missing: list[dict[str, SkipSample]] = [{} for _ in samples]
     for encoder in encoders:
-        size = encoder.input.image_size
-        if size and size not in images:
-            images[size] = [_attempt(_decode, members, size) for _, members in samples]
+        opts = _options(encoder)
+        if opts is not None and opts not in images:
+            images[opts] = [_attempt(_decode, members, opts) for _, members in samples]
         usable = []
         for i in range(len(samples)):
             problem = captions[i] if encoder.needs_caption and isinstance(captions[i], SkipSample) else None
-            if problem is None and size and isinstance(images[size][i], SkipSample):
-                problem = images[size][i]
+            if problem is None and opts is not None and isinstance(images[opts][i], SkipSample):
+                problem = images[opts][i]
             if problem is None:
                 usable.append(i)
             else:
                 missing[i].update({name: problem for name in encoder.arrays()})
-        if usable:
-            _encode_into(encoder, usable, captions, images.get(size), out, device)
+        decoded = images.get(opts) if opts is not None else None
+        for group in _by_shape(usable, decoded):  # one encoder call per image shape (bucket)
+            _encode_into(encoder, group, captions, decoded, out, device)
     for members, lacking in zip(out, missing):
         if lacking:
             first = next(iter(lacking.values()))
@@ -279,16 +296,30 @@ def encode_samples(samples: list[Sample], encoders: list[Encoder], caption_key: 
     return out
 
 
+def _by_shape(usable: list[int], images: list | None) -> list[list[int]]:
+    """`usable` split into groups of one image shape, in order of first appearance (one group without images)."""
+    if images is None:
+        return [usable] if usable else []
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for i in usable:
+        groups.setdefault(images[i][0].shape, []).append(i)
+    return list(groups.values())
+
+
 def _encode_into(encoder: Encoder, usable: list[int], captions: list, images: list | None,
                  out: list[dict[str, bytes]], device: torch.device) -> None:
-    pixels = None
+    pixels, extra = None, {}
     if images is not None:
-        pixels = normalize_images(image_batch([images[i] for i in usable]), encoder.input, device, torch.float32)
+        pixels = normalize_images(image_batch([images[i][0] for i in usable]), encoder.input, device, torch.float32)
+        if getattr(encoder, "options", None) is not None:
+            extra["crops"] = [images[i][1] for i in usable]
     texts = [captions[i] for i in usable] if encoder.needs_caption else None
-    result = encoder.encode(texts, pixels)
+    result = encoder.encode(texts, pixels, **extra)
     for name, spec in encoder.arrays().items():
         array = result[name]
-        if array.shape != (len(usable), *spec.shape) or str(array.dtype) != spec.dtype:
+        fits = len(array.shape) == len(spec.shape) + 1 and array.shape[0] == len(usable) and all(
+            want is None or want == got for want, got in zip(spec.shape, array.shape[1:]))
+        if not fits or str(array.dtype) != spec.dtype:
             raise RuntimeError(f"encoder {encoder.name} returned {name} as {array.dtype} {array.shape}, declared "
                                f"{spec.dtype} (B, {spec.shape})")  # a bug in the encoder class, not user data
         for row, i in enumerate(usable):

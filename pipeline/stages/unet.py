@@ -108,10 +108,11 @@ class UNetStage(Stage):
                               "use model.backbone unet")
         check_buckets(self.buckets, self.resolution, self.resolution // self.grid[1], multiple, why,
                       self.mcfg.super_res.low_res)
-        if self.buckets and self.mcfg.space == "latent" and self.mcfg.latent_source == "precomputed":
-            # `shards precompute --encoder latents:` stores centre-square latents, not the bucket's crop
-            raise ConfigError("model.latent_source: precomputed latents are centre squares and cannot train with "
-                              "data.buckets (not supported yet); use latent_source: encoder")
+        if self.buckets and self.mcfg.space == "latent" and self.mcfg.latent_source == "precomputed" and \
+                cfg.data.crop != "center":
+            # a latent precomputed per bucket (`shards precompute --buckets-config`) holds the centre crop only
+            raise ConfigError(f"data.crop {cfg.data.crop}: precomputed bucketed latents hold one (centre) crop per "
+                              f"image; set data.crop: center, or use model.latent_source: encoder")
         self.t5_dim: int | None = None  # known once the T5 (or the first precomputed batch) is seen
         self._quality: tuple | None = None  # eval.num_images: (Inception, CLIP), loaded at the first evaluation
 
@@ -131,13 +132,15 @@ class UNetStage(Stage):
     def sample_spec(self) -> SampleSpec:
         t5 = self.mcfg.text_encoder
         arrays = ("clip_image_emb",) if self.mcfg.image_embed.dim else ()
-        if self.mcfg.space == "latent" and self.mcfg.latent_source == "precomputed":
-            arrays = (*arrays, "latent")
+        latents = ("latent",) if self.mcfg.space == "latent" and self.mcfg.latent_source == "precomputed" else ()
+        arrays = (*arrays, *latents)
+        # per-bucket latents: training batches need no image, except a super-resolution stage's low-res input
+        decode = not latents or bool(self.mcfg.super_res.low_res)
         if self.mcfg.text_source == "precomputed":
             return SampleSpec(image_size=self.resolution, precomputed=("t5_emb", "t5_mask", *arrays),
-                              loss_mask=self.mcfg.loss_mask)
+                              loss_mask=self.mcfg.loss_mask, per_bucket=latents, decode_image=decode)
         return SampleSpec(image_size=self.resolution, tokenize=T5Tokenize(t5.path, t5.max_length), precomputed=arrays,
-                          loss_mask=self.mcfg.loss_mask)
+                          loss_mask=self.mcfg.loss_mask, per_bucket=latents, decode_image=decode)
 
     def input_paths(self) -> dict[str, str]:
         paths = {}
@@ -234,7 +237,7 @@ class UNetStage(Stage):
                 raise ConfigError(f"model.image_embed.dim is {self.mcfg.image_embed.dim} but the precomputed "
                                   f"clip_image_emb arrays have width {embed.shape[-1]}")
             inputs["image_embed"] = embed.to(self.ctx.compute_dtype)
-        images = batch["image"]
+        images = batch.get("image")  # absent in training batches of per-bucket precomputed latents
         if self.mcfg.super_res.low_res:
             sr = self.mcfg.super_res
             batch_size = images.shape[0]
@@ -248,7 +251,7 @@ class UNetStage(Stage):
             inputs["sizes"] = self._sizes(batch, images)
         return inputs
 
-    def _sizes(self, batch: dict, images: torch.Tensor) -> torch.Tensor:
+    def _sizes(self, batch: dict, images: torch.Tensor | None) -> torch.Tensor:
         """(B, 6) int64 original size, crop and target size of the batch images: the bucketed loader's record, or
         (evaluation batches, which carry none) "uncropped, original = target" as at sampling."""
         if "orig_size" not in batch:

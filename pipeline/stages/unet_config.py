@@ -89,7 +89,8 @@ class UNetStageConfig:
                                "autoencoder) or an autoencoder run dir; data.resolution is the image side it encodes.")
     latent_source: Literal["encoder", "precomputed"] = doc(
         "encoder", "Latent space: 'encoder' encodes each batch with the frozen autoencoder; 'precomputed' reads the "
-                   "'latent' arrays of data.precomputed_urls (shards precompute --encoder latents:AE_DIR).")
+                   "'latent' arrays of data.precomputed_urls (shards precompute --encoder latents:AE_DIR; with "
+                   "data.buckets add --buckets-config RUN.yaml and use data.crop: center).")
     backbone: Literal["unet", "dit"] = doc("unet", "Denoising network: 'unet' (diffusers UNet2DConditionModel, "
                                                    "model.unet) or 'dit' (PixArt-alpha's transformer with T5 "
                                                    "cross-attention, model.dit; see pipeline/models/dit.py).")

@@ -4,6 +4,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import torch
+
+from pipeline.config import Config, DataConfig
+from pipeline.models.autoencoder import AutoencoderConfig
+from pipeline.models.discriminator import DiscriminatorConfig
+from pipeline.stages.autoencoder import AutoencoderStage, AutoencoderStageConfig
+from pipeline.train.stage import StageContext
 from train_helpers import base_config
 
 TINY_AE = {"block_widths": [8, 16, 16], "layers_per_block": 1, "latent_channels": 4, "norm_groups": 4,
@@ -26,3 +33,16 @@ def ae_config(shards: Path, *, kind: str = "kl", disc_start_step: int = 3,
     for name, values in sections.items():
         raw[name] = {**raw.get(name, {}), **values}
     return raw
+
+
+def export_tiny_autoencoder(out: Path, kind: str = "kl") -> None:
+    """A random tiny 16 px f=4 autoencoder with non-trivial latent scaling, written by the stage's own export."""
+    torch.manual_seed(0)
+    model = AutoencoderStageConfig(autoencoder=AutoencoderConfig(**{**TINY_AE, "kind": kind}),
+                                   discriminator=DiscriminatorConfig(**TINY_DISC))
+    stage = AutoencoderStage(Config(stage="autoencoder", model=model, data=DataConfig(resolution=16)),
+                             StageContext(rank=0, world_size=1, device=torch.device("cpu"),
+                                          compute_dtype=torch.float32))
+    modules = stage.build_trainable()
+    modules["generator"].latent_moments.copy_(torch.tensor([1.0, 0.3, 4.0], dtype=torch.float64))
+    stage.export(modules, out)

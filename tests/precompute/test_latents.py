@@ -7,34 +7,18 @@ import json
 import pytest
 import torch
 
-from ae_helpers import TINY_AE, TINY_DISC
+from ae_helpers import export_tiny_autoencoder
 from pipeline.cli.main import main
-from pipeline.config import Config, DataConfig
+from pipeline.config import DataConfig
 from pipeline.data.loader import build_eval_loader
 from pipeline.data.spec import SampleSpec, normalize_images
-from pipeline.models.autoencoder import AutoencoderConfig
-from pipeline.models.discriminator import DiscriminatorConfig
-from pipeline.stages.autoencoder import AutoencoderStage, AutoencoderStageConfig, load_codec
-from pipeline.train.stage import StageContext
-
-
-def _export_tiny_autoencoder(out, kind: str) -> None:
-    """A random tiny autoencoder with non-trivial latent scaling, written by the stage's own export."""
-    torch.manual_seed(0)
-    model = AutoencoderStageConfig(autoencoder=AutoencoderConfig(**{**TINY_AE, "kind": kind}),
-                                   discriminator=DiscriminatorConfig(**TINY_DISC))
-    stage = AutoencoderStage(Config(stage="autoencoder", model=model, data=DataConfig(resolution=16)),
-                             StageContext(rank=0, world_size=1, device=torch.device("cpu"),
-                                          compute_dtype=torch.float32))
-    modules = stage.build_trainable()
-    modules["generator"].latent_moments.copy_(torch.tensor([1.0, 0.3, 4.0], dtype=torch.float64))
-    stage.export(modules, out)
+from pipeline.stages.autoencoder import load_codec
 
 
 @pytest.mark.parametrize("kind", ["kl", "vq"])
 def test_precomputed_latents_round_trip_through_the_loader(kind, shards, tmp_path):
     ae_dir, pre = tmp_path / "autoencoder", tmp_path / "latents"
-    _export_tiny_autoencoder(ae_dir, kind)
+    export_tiny_autoencoder(ae_dir, kind)
     src = shards / "heldout"
     assert main(["shards", "precompute", str(src), "--out", str(pre), "--batch-size", "5",
                  "--encoder", f"latents:{ae_dir}:std"]) == 0
@@ -62,7 +46,7 @@ def test_precomputed_latents_round_trip_through_the_loader(kind, shards, tmp_pat
 
 def test_latent_options_and_bad_arguments(shards, tmp_path, capsys):
     ae_dir = tmp_path / "autoencoder"
-    _export_tiny_autoencoder(ae_dir, "kl")
+    export_tiny_autoencoder(ae_dir, "kl")
     assert main(["shards", "precompute", str(shards / "heldout"), "--out", str(tmp_path / "o"),
                  "--encoder", f"latents:{tmp_path / 'missing'}"]) == 2
     assert "missing does not exist" in capsys.readouterr().err

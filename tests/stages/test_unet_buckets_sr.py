@@ -74,8 +74,8 @@ def test_latent_stage_trains_on_buckets_and_samples_them(shards, tmp_path):
     export_run(tmp_path / "latent", tmp_path / "bundle")
     images = Text2Image.from_bundle(tmp_path / "bundle").generate(PROMPT, steps=2, height=8, width=32)
     assert images.shape == (1, 3, 8, 32)
-    with pytest.raises(ConfigError, match="precomputed latents are centre squares"):
+    with pytest.raises(ConfigError, match="data.crop random: precomputed bucketed latents hold one"):
         _stage(unet_config(shards, model={**model, "latent_source": "precomputed"},
-                           data={"buckets": {"enabled": True, "step": 8}}))
+                           data={"buckets": {"enabled": True, "step": 8}, "crop": "random"}))
     with pytest.raises(ConfigError, match=r"bucket 28x8 is not divisible by 8 \(autoencoder factor 4 x 2: 2 U-Net levels"):
         _stage(unet_config(shards, model=model, data={"buckets": {"enabled": True, "step": 4}}))
