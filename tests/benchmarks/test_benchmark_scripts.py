@@ -289,3 +289,17 @@ def test_objective_backbone_trains_exports_and_scores_each_run(tmp_path):
                       "--prompts", "2", "--train-samples", "64", "--runs", "dit_flow"], timeout=600)
     rows = [line for line in out.splitlines() if line.startswith("| dit_flow |")]
     assert len(rows) == 1 and rows[0].count(" / ") == 4, out[-2000:]
+
+
+@pytest.mark.slow
+def test_bucket_fidelity_trains_both_runs_and_scores_each_shape(tmp_path):
+    """benchmarks/bucket_fidelity.py in a tiny setting: three shapes per run (the centre-crop model sampled at shapes
+    it never trained on), and the cut-object shares of a centre crop (a 2:1 scene's left/right objects sit at its
+    border: some are cut, never all)."""
+    out = run_script([sys.executable, str(BENCH / "bucket_fidelity.py"), str(tmp_path), "--steps", "2",
+                      "--prompts", "4", "--seeds", "0", "--train-samples", "120"], timeout=600)
+    rows = [line for line in out.splitlines() if line.startswith(("| buckets |", "| centre |"))]
+    assert len(rows) == 6 and all(row.count(" +- ") == 4 for row in rows), out[-2000:]
+    assert {row.split("|")[3].strip() for row in rows} == {"16x16 (1:1)", "12x24 (2:1 wide)", "24x12 (1:2 tall)"}
+    shares = [float(x) for x in re.findall(r"([0-9.]+)% of named objects partly cut", out)]
+    assert len(shares) == 2 and all(5 < s < 95 for s in shares), out[:2000]
