@@ -108,8 +108,8 @@ class BucketBatcher:
     def restore(self, state: list[list[list]], load: Callable[[list[tuple[int, int, str]]], list[tuple]]) -> None:
         """Refill the lists from a snapshot(); `load` decodes the referenced samples again, in order."""
         if len(state) != len(self.waiting):
-            raise DataError(f"cannot resume the data stream exactly: the saved state has {len(state)} buckets, this run has {len(self.waiting)}; "
-                              f"resume with the same data.buckets")
+            raise DataError(f"cannot resume the data stream exactly: the saved state has {len(state)} buckets, "
+                            f"this run has {len(self.waiting)}; resume with the same data.buckets")
         refs = [(int(k), int(i), str(key)) for bucket in state for k, i, key in bucket]
         decoded = iter(load(refs))
         self.waiting = [[Waiting(int(k), int(i), str(key), next(decoded)) for k, i, key in bucket]

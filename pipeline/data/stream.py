@@ -29,8 +29,7 @@ from pipeline.data.sources import SALT_CROP, SALT_SHUFFLE, ShardPlan, mix
 from pipeline.data.spec import SampleSpec
 from pipeline.data.tar_reader import iter_shard
 from pipeline.data.transforms import (Crop, ImageOptions, SkipSample, collate, decode_mask, decode_with_crop,
-                                      image_bytes,
-                                      read_caption)
+                                      image_bytes, read_caption)
 from pipeline.errors import DataError
 
 # How a stream reads one shard: iter_shard, or an aligned.AlignedReader that zips in precomputed arrays.
@@ -262,6 +261,12 @@ class SampleDecoder:
         return array
 
 
+def batch_arrays(spec: SampleSpec) -> tuple[str, ...]:
+    """The per-sample arrays a batch collects besides images and captions: the precomputed ones, and the loss mask
+    when the stage asks for it (decoded with the image)."""
+    return (*spec.precomputed, *(("loss_mask",) if spec.loss_mask and spec.image_size else ()))
+
+
 def next_batch(samples: Iterator[RawSample], decode: SampleDecoder, spec: SampleSpec, batch_size: int,
                skips: SkipCounter, shared: bool = False) -> dict | None:
     """Decode samples until `batch_size` are usable (skips counted and checked) and collate them.
@@ -271,9 +276,7 @@ def next_batch(samples: Iterator[RawSample], decode: SampleDecoder, spec: Sample
     Returns the batch dict of spec.py, or None when `samples` ran out before any usable sample.
     """
     images, captions, keys = [], [], []
-    arrays: dict[str, list[np.ndarray]] = {name: [] for name in spec.precomputed}
-    if spec.loss_mask and spec.image_size:
-        arrays["loss_mask"] = []
+    arrays: dict[str, list[np.ndarray]] = {name: [] for name in batch_arrays(spec)}
     for raw in samples:
         skips.seen += 1
         try:
@@ -312,7 +315,7 @@ def next_bucket_batch(samples: Iterator[RawSample], decode: SampleDecoder, spec:
         full = batcher.add(crop.bucket, Waiting(raw.k, raw.index, raw.key, (image, caption, extra, crop)))
         if full is not None:
             images, captions, extras, crops = zip(*(w.decoded for w in full))
-            arrays = {name: [e[name] for e in extras] for name in spec.precomputed}
+            arrays = {name: [e[name] for e in extras] for name in batch_arrays(spec)}
             return collate(list(images), list(captions), [w.key for w in full], spec, shared, arrays, list(crops))
     raise DataError("the training data stream ended, which should never happen; please report this")
 

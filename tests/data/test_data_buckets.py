@@ -9,10 +9,12 @@ from collections import Counter
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
-from data_helpers import SPEC, check_resume, data_config, jpeg_bytes, take, write_tar
+from data_helpers import SPEC, check_resume, data_config, jpeg_bytes, take, toy_tokenize, write_tar
 from pipeline.config import BucketConfig
+from pipeline.data.spec import SampleSpec
 from pipeline.data.buckets import bucket_shapes, nearest_bucket, resolve_shapes
 from pipeline.data.loader import build_train_loader
 from pipeline.data.synthetic import make_sample
@@ -184,3 +186,33 @@ def test_eval_stays_square(mixed_shards):
     data = data_config((), eval_urls=str(mixed_shards), buckets=BUCKETS)
     batch = next(iter(build_eval_loader(data, SPEC, batch_size=4, max_samples=8, rank=0, world_size=1)))
     assert batch["image"].shape == (4, 3, 12, 12) and "orig_size" not in batch
+
+
+def test_loss_masks_come_with_bucketed_batches_cropped_like_their_images(tmp_path):
+    """A bucketed batch carries each sample's loss mask (KEY.mask.png) at its bucket's shape, 255 everywhere for a
+    sample without one. The sources have their bucket's exact shape (resize and crop are the identity), so a mask
+    that is the image's red channel must come out equal to the delivered image's red channel."""
+    rng = np.random.default_rng(0)
+    samples = []
+    for i in range(16):
+        width, height = (16, 8) if i % 2 else (8, 16)
+        image = rng.integers(0, 256, size=(height, width, 3), dtype=np.uint8)
+        members = {"png": _png(width, height, image), "txt": f"caption {i}".encode()}
+        if i % 4 < 2:
+            members["mask.png"] = _png(width, height, image[..., 0].copy())
+        samples.append((f"s{i:05d}", members))
+    url = write_tar(tmp_path / "masks.tar", samples)
+    data = data_config(url, buckets=BUCKETS, crop="center")
+    spec = SampleSpec(image_size=12, tokenize=toy_tokenize, loss_mask=True)
+    loader = build_train_loader(data, spec, batch_size=4, seed=3, rank=0, world_size=1)
+    shapes = set()
+    for batch in take(iter(loader), 4):
+        images, masks = batch["image"], batch["loss_mask"]
+        shapes.add(tuple(images.shape[-2:]))
+        assert masks.dtype == torch.uint8 and masks.shape == (images.shape[0], 1, *images.shape[-2:])
+        for i, key in enumerate(batch["key"]):
+            if int(key[1:]) % 4 < 2:
+                np.testing.assert_array_equal(masks[i, 0].numpy(), images[i, 0].numpy())
+            else:
+                assert (masks[i, 0] == 255).all()
+    assert shapes == {(8, 16), (16, 8)}
