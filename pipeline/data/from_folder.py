@@ -100,7 +100,8 @@ def shrink_image(data: bytes, ext: str, max_side: int) -> bytes | None:
 
 
 def _sample_members(members: dict[str, Path], max_side: int = 0) -> tuple[dict[str, bytes] | None, str | None]:
-    """The bytes to store for one stem, or (None, reason) when it cannot be used."""
+    """(the bytes to store for one stem, None or "shrunk" when max_side made its image smaller), or
+    (None, reason) when it cannot be used."""
     image_ext = next((e for e in IMAGE_EXTS if e in members), None)
     if image_ext is None:
         return None, "missing_image"
